@@ -1,0 +1,221 @@
+"""The daemon: spool + listener + relay on one event loop, signals, readiness, graceful stop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from relayd import config as config_mod
+from relayd import logs, metrics
+from relayd.config import Config
+from relayd.errors import ConfigError
+from relayd.notify import Notifier
+from relayd.relay import Deliverer, Outbox, Relay
+from relayd.server import Handler, Listener
+from relayd.spool import QUEUE, Spool
+from relayd.upstream import Session
+
+log = structlog.get_logger()
+
+STOP_DEADLINE = 10.0  # seconds for in-flight sessions and deliveries after SIGTERM
+STATUS_FILE = "status.json"
+
+
+@dataclass
+class Daemon:
+    cfg: Config
+    config_path: str | None
+    dev: bool
+    environ: Mapping[str, str]
+    signals: bool = True
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    started: asyncio.Event = field(default_factory=asyncio.Event)
+    ready: bool = False
+    address: tuple[str, int] = ("", 0)
+
+    def __post_init__(self) -> None:
+        self.spool = Spool(self.cfg.spool.path)
+        self.notifier = Notifier(self.environ)
+        self.relay = Relay(self.spool, self.cfg, self._connect)
+        self.endpoint: metrics.Endpoint | None = None
+
+    def _connect(self) -> Deliverer:
+        if self.dev:
+            return Outbox(self.spool)
+        return Session(self.relay.cfg.upstream, self.cfg.listen.hostname)
+
+    async def run(self) -> int:
+        self.spool.create()
+        self.spool.lock()
+        await asyncio.to_thread(self.spool.sweep_tmp)
+        depth = await self.relay.load()
+        handler = Handler(self.cfg.listen, self.spool, self.relay.enqueue)
+        listener = Listener(self.cfg.listen, handler)
+        host, port = await listener.start()
+        self.address = (host, port)
+        self._start_metrics()
+        if self.signals:
+            self._install_signals()
+        self._warn_insecure()
+        log.info(
+            "server.started",
+            host=host,
+            port=port,
+            queued=depth,
+            pid=os.getpid(),
+            upstream="outbox (dev)"
+            if self.dev
+            else f"{self.cfg.upstream.host}:{self.cfg.upstream.port}",
+        )
+        self.ready = True
+        self.started.set()
+        self.notifier.send("READY=1", f"STATUS=listening on {host}:{port}, {depth} queued")
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self.relay.run(self.stop, STOP_DEADLINE))
+            tg.create_task(self._housekeeping())
+            await self.stop.wait()
+            self.ready = False
+            self.notifier.send("STOPPING=1", "STATUS=stopping")
+            log.info("server.stopping", queued=len(self.relay.due))
+            await listener.stop(STOP_DEADLINE)
+        if self.endpoint is not None:
+            self.endpoint.stop()
+        if self.signals:
+            self._remove_signals()
+        await asyncio.to_thread(self._write_status)
+        self.spool.unlock()
+        log.info("server.stopped", queued=len(self.relay.due))
+        return 0
+
+    def _warn_insecure(self) -> None:
+        up = self.cfg.upstream
+        if self.dev:
+            log.warning(
+                "dev_mode",
+                detail="NOT relaying: every message is written to "
+                f"{self.spool.root / 'outbox'} instead of being sent",
+            )
+            return
+        if up.tls == "none":
+            log.warning(
+                "upstream.plaintext",
+                detail="upstream.tls is none: mail and credentials cross the network unencrypted",
+            )
+        if not up.verify:
+            log.warning(
+                "upstream.unverified",
+                detail="upstream.verify is false: any "
+                "certificate is accepted, so anyone on the path can read the mail",
+            )
+
+    def _start_metrics(self) -> None:
+        if not self.cfg.metrics.listen:
+            return
+        host, port = config_mod.parse_hostport("metrics.listen", self.cfg.metrics.listen)
+        self.endpoint = metrics.Endpoint(host, port, lambda: self.ready, lambda: None)
+        self.endpoint.start()
+        log.info("metrics.started", host=self.endpoint.address[0], port=self.endpoint.address[1])
+
+    def _install_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self.stop.set)
+        loop.add_signal_handler(signal.SIGINT, self.stop.set)
+        loop.add_signal_handler(signal.SIGHUP, lambda: _spawn(self.reload()))
+        loop.add_signal_handler(signal.SIGUSR1, self._flush)
+        loop.add_signal_handler(signal.SIGUSR2, lambda: _spawn(self.rescan()))
+
+    def _remove_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
+            loop.remove_signal_handler(sig)
+
+    def _flush(self) -> None:
+        self.relay.flush()
+        log.info("queue.flushed", queued=len(self.relay.due))
+
+    async def rescan(self) -> None:
+        """Re-read queue/ after an operator edit (relayd queue retry/delete signal this)."""
+        depth = await self.relay.load()
+        log.info("queue.rescanned", queued=depth)
+
+    async def reload(self) -> None:
+        """SIGHUP: re-read the config; keep the old one if the new one is bad."""
+        self.notifier.send("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
+        try:
+            new = config_mod.load(self.config_path, os.environ)
+        except ConfigError as exc:
+            log.error("config.reload_failed", error=str(exc), detail="keeping the running config")
+            self.notifier.send("READY=1")
+            return
+        register_secrets(new)
+        if new.listen != self.cfg.listen or new.spool != self.cfg.spool:
+            log.warning("config.restart_needed", detail="listen and spool changes need a restart")
+        logs.setup(new.log.format, new.log.level)
+        self.relay.cfg = Config(
+            self.cfg.listen, self.cfg.spool, new.upstream, new.retry, new.log, self.cfg.metrics
+        )
+        log.info("config.reloaded", upstream=f"{new.upstream.host}:{new.upstream.port}")
+        self.notifier.send("READY=1", "STATUS=config reloaded")
+
+    async def _housekeeping(self) -> None:
+        interval = self.notifier.watchdog_interval or 2.0
+        while not self.stop.is_set():
+            if self.notifier.watchdog_interval:
+                self.notifier.send("WATCHDOG=1")
+            depth = len(self.relay.due)
+            metrics.QUEUE_DEPTH.labels(state=QUEUE).set(depth)
+            metrics.OLDEST_AGE.set(self.relay.oldest_age())
+            self.notifier.send(f"STATUS={depth} queued, {len(self.relay.inflight)} in flight")
+            await asyncio.to_thread(self._write_status)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(interval, 2.0)):
+                    await self.stop.wait()
+
+    def _write_status(self) -> None:
+        """A small status file for `relayd health` (best effort, not fsynced: it is advisory)."""
+        relay = self.relay
+        doc: dict[str, Any] = {
+            "pid": os.getpid(),
+            "updated_at": time.time(),
+            "queued": len(relay.due),
+            "oldest_age": relay.oldest_age(),
+            "consecutive_failures": relay.consecutive_failures,
+            "last_error": relay.last_error,
+            "last_delivery_at": relay.last_delivery_at,
+        }
+        path = Path(self.spool.root) / STATUS_FILE
+        tmp = path.with_suffix(".tmp")
+        with contextlib.suppress(OSError):
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(json.dumps(doc))
+            tmp.replace(path)
+
+
+_background: set[asyncio.Task[Any]] = set()
+
+
+def _spawn(coro: Any) -> None:
+    task = asyncio.ensure_future(coro)
+    _background.add(task)
+    task.add_done_callback(_background.discard)
+
+
+def register_secrets(cfg: Config) -> None:
+    logs.add_auth_forms(cfg.upstream.username, cfg.upstream.password)
+
+
+def run(cfg: Config, config_path: str | None, dev: bool, environ: Mapping[str, str]) -> int:
+    """Run the daemon in the foreground until SIGTERM/SIGINT; returns the exit code."""
+    register_secrets(cfg)
+    return asyncio.run(Daemon(cfg, config_path, dev, environ).run())

@@ -1,0 +1,276 @@
+"""Configuration: YAML file, then RELAYD_<SECTION>_<KEY> overrides, validated into frozen records.
+
+Every problem is a ConfigError naming the key, so the CLI can print one line and exit 78.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from relayd.errors import ConfigError
+
+DEFAULT_SPOOL = "/var/lib/relayd"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+@dataclass(frozen=True, slots=True)
+class Listen:
+    host: str = "127.0.0.1"
+    port: int = 1025
+    hostname: str = "localhost"
+    max_message_size: int = 26_214_400  # 25 MiB, as Gmail takes
+    max_recipients: int = 100
+    timeout: float = 60.0  # idle seconds before a client session is closed
+    # Networks allowed to submit besides loopback; required when host is not loopback.
+    allowed_networks: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Spool:
+    path: str = DEFAULT_SPOOL
+    # Directory fsyncs of concurrent sessions are shared for up to this long (0 = none).
+    commit_window: float = 0.002
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    host: str = ""
+    port: int = 465
+    tls: str = "implicit"
+    verify: bool = True
+    ca_file: str = ""
+    username: str = ""
+    password: str = field(default="", repr=False)
+    password_file: str = ""
+    timeout: float = 30.0
+    max_connections: int = 4
+    # Messages one session carries before it logs out and a fresh one starts.
+    max_messages_per_session: int = 100
+
+
+@dataclass(frozen=True, slots=True)
+class Retry:
+    initial_delay: float = 60.0
+    max_delay: float = 3600.0
+    max_age: float = 432_000.0  # 5 days, Postfix's maximal_queue_lifetime
+
+
+@dataclass(frozen=True, slots=True)
+class Log:
+    format: str = "json"
+    level: str = "info"
+
+
+@dataclass(frozen=True, slots=True)
+class Metrics:
+    listen: str = ""  # "host:port"; empty = no HTTP endpoint
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    listen: Listen = Listen()
+    spool: Spool = Spool()
+    upstream: Upstream = Upstream()
+    retry: Retry = Retry()
+    log: Log = Log()
+    metrics: Metrics = Metrics()
+
+
+SECTIONS: dict[str, type[Any]] = {
+    "listen": Listen,
+    "spool": Spool,
+    "upstream": Upstream,
+    "retry": Retry,
+    "log": Log,
+    "metrics": Metrics,
+}
+
+
+def load(path: str | os.PathLike[str] | None, environ: Mapping[str, str]) -> Config:
+    """Read, override and validate; raise ConfigError naming the first bad key."""
+    raw = _read_file(path) if path else {}
+    if "spool" not in raw or "path" not in (raw.get("spool") or {}):
+        state_dir = environ.get("STATE_DIRECTORY")  # systemd's StateDirectory=
+        if state_dir:
+            raw.setdefault("spool", {})
+            raw["spool"] = {**(raw["spool"] or {}), "path": state_dir.split(":")[0]}
+    _apply_env(raw, environ)
+    sections = {name: _section(name, cls, raw.get(name)) for name, cls in SECTIONS.items()}
+    unknown = set(raw) - set(SECTIONS)
+    if unknown:
+        raise ConfigError(sorted(unknown)[0], "unknown section")
+    cfg = Config(**sections)
+    cfg = dataclasses.replace(cfg, upstream=_resolve_password(cfg.upstream))
+    validate(cfg)
+    return cfg
+
+
+def _read_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError("config", f"cannot read {path}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise ConfigError("config", f"{path} is not valid YAML{where}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError("config", f"{path} must be a mapping of sections")
+    return data
+
+
+def _apply_env(raw: dict[str, Any], environ: Mapping[str, str]) -> None:
+    for name, value in environ.items():
+        if not name.startswith("RELAYD_"):
+            continue
+        rest = name[len("RELAYD_") :].lower()
+        section, _, key = rest.partition("_")
+        if section not in SECTIONS:
+            continue  # other RELAYD_* variables (e.g. RELAYD_CONFIG) are not keys
+        defaults = {f.name: f.default for f in dataclasses.fields(SECTIONS[section])}
+        if key not in defaults:
+            raise ConfigError(f"{section}.{key}", f"unknown key (from {name})")
+        current = raw.get(section)
+        raw[section] = dict(current) if isinstance(current, dict) else {}
+        # Strings stay verbatim: a password like "0123" or "yes" must not become 83 or True.
+        raw[section][key] = value if isinstance(defaults[key], str) else _env_value(value)
+
+
+def _env_value(value: str) -> Any:
+    """Environment strings are read as YAML scalars, so "1025" is an int and "true" a bool."""
+    try:
+        parsed = yaml.safe_load(value)
+    except yaml.YAMLError:
+        return value
+    if parsed is None:
+        return ""
+    return parsed
+
+
+def _section(name: str, cls: type[Any], data: Any) -> Any:
+    if data is None:
+        return cls()
+    if not isinstance(data, dict):
+        raise ConfigError(name, "must be a mapping")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in fields:
+            raise ConfigError(f"{name}.{key}", "unknown key")
+        values[key] = _coerce(f"{name}.{key}", fields[key].default, value)
+    return cls(**values)
+
+
+def _coerce(key: str, default: Any, value: Any) -> Any:
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(key, f"expected true or false, got {value!r}")
+        return value
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(key, f"expected a whole number, got {value!r}")
+        return value
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(key, f"expected a number of seconds, got {value!r}")
+        return float(value)
+    if isinstance(default, tuple):
+        items = [value] if isinstance(value, str) else value
+        if isinstance(value, str) and "," in value:
+            items = [part.strip() for part in value.split(",") if part.strip()]
+        if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+            raise ConfigError(key, "expected a list of strings")
+        return tuple(items)
+    if value is None:
+        return ""
+    if isinstance(value, bool | dict | list):
+        raise ConfigError(key, f"expected a string, got {value!r}")
+    return str(value)
+
+
+def _resolve_password(up: Upstream) -> Upstream:
+    if up.password and up.password_file:
+        raise ConfigError("upstream.password_file", "set either password or password_file")
+    if not up.password_file:
+        return up
+    try:
+        secret = Path(up.password_file).read_text(encoding="utf-8").rstrip("\r\n")
+    except OSError as exc:
+        raise ConfigError("upstream.password_file", f"cannot read: {exc.strerror}") from None
+    return dataclasses.replace(up, password=secret)
+
+
+def _check(ok: bool, key: str, problem: str) -> None:
+    if not ok:
+        raise ConfigError(key, problem)
+
+
+def validate(cfg: Config) -> None:
+    """Reject impossible values; the message names the key."""
+    ls = cfg.listen
+    _check(0 <= ls.port <= 65535, "listen.port", "must be 0..65535")
+    _check(bool(ls.hostname.strip()), "listen.hostname", "must not be empty")
+    _check(ls.max_message_size > 0, "listen.max_message_size", "must be > 0")
+    _check(ls.max_recipients > 0, "listen.max_recipients", "must be > 0")
+    _check(ls.timeout > 0, "listen.timeout", "must be > 0")
+    for cidr in ls.allowed_networks:
+        try:
+            ipaddress.ip_network(cidr, strict=False)
+        except ValueError:
+            raise ConfigError("listen.allowed_networks", f"not a network: {cidr!r}") from None
+    if not is_loopback(ls.host):
+        _check(
+            bool(ls.allowed_networks),
+            "listen.allowed_networks",
+            f"required when listen.host ({ls.host}) is not loopback: list who may submit",
+        )
+    _check(bool(cfg.spool.path), "spool.path", "must not be empty")
+    _check(0 <= cfg.spool.commit_window <= 1, "spool.commit_window", "must be 0..1 seconds")
+    up = cfg.upstream
+    _check(1 <= up.port <= 65535, "upstream.port", "must be 1..65535")
+    _check(up.tls in ("implicit", "starttls", "none"), "upstream.tls", "implicit|starttls|none")
+    _check(up.timeout > 0, "upstream.timeout", "must be > 0")
+    _check(up.max_connections >= 1, "upstream.max_connections", "must be >= 1")
+    _check(up.max_messages_per_session >= 1, "upstream.max_messages_per_session", "must be >= 1")
+    if up.ca_file:
+        _check(Path(up.ca_file).is_file(), "upstream.ca_file", f"no such file: {up.ca_file}")
+    if up.password and not up.username:
+        raise ConfigError("upstream.username", "required when a password is set")
+    rt = cfg.retry
+    _check(rt.initial_delay > 0, "retry.initial_delay", "must be > 0")
+    _check(rt.max_delay >= rt.initial_delay, "retry.max_delay", "must be >= initial_delay")
+    _check(rt.max_age > 0, "retry.max_age", "must be > 0")
+    _check(cfg.log.format in ("json", "console"), "log.format", "json|console")
+    _check(cfg.log.level in LOG_LEVELS, "log.level", "|".join(LOG_LEVELS))
+    if cfg.metrics.listen:
+        parse_hostport("metrics.listen", cfg.metrics.listen)
+
+
+def parse_hostport(key: str, value: str) -> tuple[str, int]:
+    """Split "host:port" (IPv6 as "[::1]:9025"); raise ConfigError naming key."""
+    host, sep, port = value.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(key, f"expected host:port, got {value!r}")
+    return host, int(port)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -1,0 +1,45 @@
+"""The exceptions relayd raises across its own module boundaries."""
+
+from __future__ import annotations
+
+
+class RelaydError(Exception):
+    """Base of every error relayd raises on purpose."""
+
+
+class ConfigError(RelaydError):
+    """The configuration cannot be used; the message names the key."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"{key}: {problem}")
+        self.key = key
+        self.problem = problem
+
+
+class SpoolError(RelaydError):
+    """The spool could not be read or written."""
+
+
+class UpstreamError(RelaydError):
+    """A session with the upstream failed before any per-recipient outcome was known.
+
+    ``step`` names where it failed (connect, tls, ehlo, auth, mail, rcpt, data),
+    ``code``/``text`` carry the server's reply when there was one.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        step: str,
+        temporary: bool,
+        code: int | None = None,
+        text: str = "",
+        hint: str = "",
+    ) -> None:
+        super().__init__(message)
+        self.step = step
+        self.temporary = temporary
+        self.code = code
+        self.text = text
+        self.hint = hint

@@ -1,0 +1,111 @@
+"""structlog set-up: JSON (or console) lines on stderr, with a redaction backstop.
+
+Library loggers (aiosmtpd's ``mail.log``, aiosmtplib, asyncio) are routed through the same
+renderer. aiosmtpd logs raw command lines at INFO and AUTH continuation lines at DEBUG, so its
+logger is capped at WARNING normally and at INFO even when relayd itself runs at debug.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Iterable, MutableMapping
+from typing import Any, TextIO
+
+import structlog
+
+_SECRETS: set[str] = set()
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
+_LEVELS["error"] = logging.ERROR
+
+
+def add_secrets(secrets: Iterable[str]) -> None:
+    """Register values (and their base64 AUTH forms) that must never appear in a log line."""
+    import base64
+
+    for secret in secrets:
+        if not secret or len(secret) < 3:
+            continue
+        _SECRETS.add(secret)
+        raw = secret.encode()
+        _SECRETS.add(base64.b64encode(raw).decode())
+
+
+def add_auth_forms(username: str, password: str) -> None:
+    """Register the AUTH PLAIN blob of a username/password pair as a secret too."""
+    import base64
+
+    if password:
+        blob = b"\0" + username.encode() + b"\0" + password.encode()
+        _SECRETS.add(base64.b64encode(blob).decode())
+        add_secrets([password])
+
+
+def redact(text: str) -> str:
+    for secret in _SECRETS:
+        if secret in text:
+            text = text.replace(secret, "********")
+    return text
+
+
+def _redactor(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    if not _SECRETS:
+        return event
+    for key, value in list(event.items()):
+        if isinstance(value, str):
+            event[key] = redact(value)
+        elif not isinstance(value, int | float | bool | type(None)):
+            text = str(value)
+            cleaned = redact(text)
+            if cleaned != text:
+                event[key] = cleaned
+    return event
+
+
+def setup(fmt: str = "json", level: str = "info", stream: TextIO | None = None) -> None:
+    """Configure structlog and the stdlib loggers libraries use; safe to call again on reload."""
+    out = stream or sys.stderr
+    lvl = _LEVELS.get(level, logging.INFO)
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.processors.format_exc_info,
+        _redactor,
+    ]
+    renderer: Any = (
+        structlog.processors.JSONRenderer()
+        if fmt == "json"
+        else structlog.dev.ConsoleRenderer(colors=False)
+    )
+    structlog.configure(
+        processors=[*shared, renderer],
+        wrapper_class=structlog.make_filtering_bound_logger(lvl),
+        logger_factory=structlog.PrintLoggerFactory(out),
+        cache_logger_on_first_use=False,
+    )
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                _redactor,
+                renderer,
+            ],
+            foreign_pre_chain=[
+                structlog.stdlib.add_logger_name,
+                structlog.processors.add_log_level,
+                structlog.processors.TimeStamper(fmt="iso", utc=True),
+                structlog.processors.format_exc_info,
+            ],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(lvl)
+    # Command lines and AUTH continuations: never below INFO, normally only warnings.
+    logging.getLogger("mail.log").setLevel(
+        logging.INFO if lvl <= logging.DEBUG else logging.WARNING
+    )
+    logging.getLogger("aiosmtplib").setLevel(max(lvl, logging.INFO))
+    logging.getLogger("asyncio").setLevel(max(lvl, logging.WARNING))

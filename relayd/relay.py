@@ -1,0 +1,377 @@
+"""The delivery loop: an in-memory index of due times over the spool, and upstream workers.
+
+At least once: a message leaves the spool only after the upstream answered 250 to its DATA
+(or failed permanently); a crash before that leaves it queued, to be sent again after restart.
+The daemon is the only sender and keeps the ids it is delivering in memory, so no id is ever in
+two sessions at once, whatever the CLI does to the files meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import heapq
+import random
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import structlog
+
+from relayd import metrics
+from relayd.config import Config
+from relayd.errors import SpoolError, UpstreamError
+from relayd.spool import DELIVERED, QUEUE, REFUSED, Envelope, Recipient, Spool
+from relayd.upstream import PERMANENT, TEMPORARY, Outcome
+
+log = structlog.get_logger()
+
+IDLE_CLOSE = 10.0  # seconds an idle upstream session is kept for the next message
+HISTORY_LIMIT = 20
+
+
+class Deliverer(Protocol):
+    sent: int
+
+    async def open(self) -> None: ...
+    async def send(self, mail_from: str, rcpt_to: list[str], data: bytes) -> list[Outcome]: ...
+    async def close(self) -> None: ...
+
+
+def backoff(attempts: int, initial: float, maximum: float, rand: float | None = None) -> float:
+    """Delay before the next try: initial * 2^(attempts-1), capped, with ±25 % jitter.
+
+    Jitter spreads the retries of a burst that failed together, so a provider coming back is
+    not hit by all of them in the same second.
+    """
+    base = min(maximum, initial * 2.0 ** max(0, attempts - 1))
+    factor = 0.75 + 0.5 * (random.random() if rand is None else rand)  # noqa: S311 - not crypto
+    return min(maximum, base * factor)
+
+
+class Relay:
+    """Owns the due-time index and the upstream workers."""
+
+    def __init__(
+        self,
+        spool: Spool,
+        cfg: Config,
+        connect: Callable[[], Deliverer],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.spool = spool
+        self.cfg = cfg
+        self.connect = connect
+        self.clock = clock
+        self.due: dict[str, float] = {}
+        self.created: dict[str, float] = {}
+        self.heap: list[tuple[float, str]] = []
+        self.inflight: set[str] = set()
+        self.work: asyncio.Queue[str] = asyncio.Queue()
+        self.wake = asyncio.Event()
+        self.stopping = False
+        self.consecutive_failures = 0
+        self.last_error: dict[str, Any] | None = None
+        self.last_delivery_at: float | None = None
+
+    # -- index -----------------------------------------------------------------------------
+
+    def enqueue(self, env: Envelope) -> None:
+        """Make a spooled message known; it is dispatched when due (at once if due now)."""
+        self.due[env.id] = env.next_attempt_at
+        self.created[env.id] = env.created_at
+        heapq.heappush(self.heap, (env.next_attempt_at, env.id))
+        self.wake.set()
+
+    def forget(self, msg_id: str) -> None:
+        self.due.pop(msg_id, None)
+        self.created.pop(msg_id, None)
+
+    async def load(self) -> int:
+        """Rebuild the index from queue/ (start-up and after CLI edits); returns the depth."""
+        envs = await asyncio.to_thread(lambda: list(self.spool.scan(QUEUE, repair=True)))
+        self.due = {i: t for i, t in self.due.items() if i in self.inflight}
+        self.created = {i: t for i, t in self.created.items() if i in self.inflight}
+        self.heap = []
+        for env in envs:
+            if env.id not in self.inflight:
+                self.enqueue(env)
+        self.wake.set()
+        return len(self.due)
+
+    def flush(self) -> None:
+        """Everything queued is due now (SIGUSR1)."""
+        now = self.clock()
+        self.due = dict.fromkeys(self.due, now)
+        self.heap = [(now, i) for i in sorted(self.due) if i not in self.inflight]
+        heapq.heapify(self.heap)
+        self.wake.set()
+
+    def oldest_age(self) -> float:
+        return self.clock() - min(self.created.values()) if self.created else 0.0
+
+    # -- loop --------------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event, drain_timeout: float = 10.0) -> None:
+        """Dispatch due messages to workers until stop is set; then drain within the deadline."""
+        workers = [
+            asyncio.create_task(self._worker(n)) for n in range(self.cfg.upstream.max_connections)
+        ]
+        scheduler = asyncio.create_task(self._schedule())
+        await stop.wait()
+        self.stopping = True
+        scheduler.cancel()
+        while not self.work.empty():
+            self.inflight.discard(self.work.get_nowait())
+        for _ in workers:
+            self.work.put_nowait("")
+        _, pending = await asyncio.wait(workers, timeout=drain_timeout)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(scheduler, *workers, return_exceptions=True)
+
+    async def _schedule(self) -> None:
+        while True:
+            now = self.clock()
+            while self.heap and self.heap[0][0] <= now:
+                when, msg_id = heapq.heappop(self.heap)
+                if self.due.get(msg_id) != when or msg_id in self.inflight:
+                    continue  # stale entry: rescheduled, delivered or already on its way
+                self.inflight.add(msg_id)
+                self.work.put_nowait(msg_id)
+            self.wake.clear()
+            delay = self.heap[0][0] - now if self.heap else None
+            try:
+                async with asyncio.timeout(delay):
+                    await self.wake.wait()
+            except TimeoutError:
+                pass
+
+    async def _worker(self, n: int) -> None:
+        session: Deliverer | None = None
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout(IDLE_CLOSE if session else None):
+                        msg_id = await self.work.get()
+                except TimeoutError:
+                    await _close(session)
+                    session = None
+                    continue
+                if not msg_id:
+                    return
+                try:
+                    session = await self._attempt(msg_id, session)
+                except Exception:
+                    # A bug must not kill the worker or lose the message: it stays queued
+                    # as it was and is tried again after the initial delay.
+                    log.exception("delivery.crashed", msg_id=msg_id)
+                    await _close(session)
+                    session = None
+                    self._retry_later(msg_id)
+                finally:
+                    self.inflight.discard(msg_id)
+        finally:
+            await _close(session)
+
+    async def _attempt(self, msg_id: str, session: Deliverer | None) -> Deliverer | None:
+        try:
+            env = await asyncio.to_thread(self.spool.load, msg_id)
+            data = await asyncio.to_thread(self.spool.read, env)
+        except SpoolError:
+            self.forget(msg_id)  # deleted (relayd queue delete) or moved meanwhile
+            return session
+        if self.clock() - env.created_at > self.cfg.retry.max_age:
+            await self._finish(env, "expired", self._expired_reason(env))
+            return session
+        bound = log.bind(msg_id=env.id, attempt=env.attempts + 1)
+        started = time.monotonic()
+        try:
+            if session is None:
+                session = self.connect()
+                await session.open()
+            outcomes = await session.send(env.mail_from, [r.address for r in env.pending], data)
+        except UpstreamError as err:
+            await _close(session)
+            metrics.UPSTREAM_FAILURES.labels(step=err.step).inc()
+            await self._defer(env, err, bound)
+            if err.step in ("dns", "connect", "tls", "banner", "ehlo", "auth"):
+                await self._defer_waiting(err)
+            return None
+        metrics.DELIVERY_SECONDS.observe(time.monotonic() - started)
+        await self._apply(env, outcomes, bound)
+        if session.sent >= self.cfg.upstream.max_messages_per_session:
+            await _close(session)
+            return None
+        return session
+
+    def _retry_later(self, msg_id: str) -> None:
+        if msg_id in self.due and not self.stopping:
+            when = self.clock() + self.cfg.retry.initial_delay
+            self.due[msg_id] = when
+            heapq.heappush(self.heap, (when, msg_id))
+            self.wake.set()
+
+    async def _defer_waiting(self, err: UpstreamError) -> None:
+        """The upstream is unreachable: defer what is waiting instead of dialling per message."""
+        while not self.work.empty() and not self.stopping:
+            msg_id = self.work.get_nowait()
+            try:
+                env = await asyncio.to_thread(self.spool.load, msg_id)
+                await self._defer(env, err, log.bind(msg_id=msg_id, attempt=env.attempts + 1))
+            except SpoolError:
+                self.forget(msg_id)
+            finally:
+                self.inflight.discard(msg_id)
+
+    async def _defer(self, env: Envelope, err: UpstreamError, bound: Any) -> None:
+        text = err.text or str(err)
+        error = {"step": err.step, "code": err.code, "text": text}
+        outcomes = [Outcome(r.address, TEMPORARY, err.code, text, err.step) for r in env.pending]
+        self.consecutive_failures += 1
+        self.last_error = {**error, "at": self.clock()}
+        if err.step == "auth":
+            bound.error("upstream.auth_failed", code=err.code, text=err.text, hint=err.hint)
+        await self._apply(env, outcomes, bound, hint=err.hint)
+
+    async def _apply(
+        self, env: Envelope, outcomes: list[Outcome], bound: Any, hint: str = ""
+    ) -> None:
+        now = self.clock()
+        by_addr = {o.address: o for o in outcomes}
+        rcpts = tuple(_updated(r, by_addr.get(r.address)) for r in env.rcpt_to)
+        temporary = [o for o in outcomes if o.status == TEMPORARY]
+        worst = (
+            temporary[0]
+            if temporary
+            else next(
+                (o for o in outcomes if o.status == PERMANENT), outcomes[0] if outcomes else None
+            )
+        )
+        result = (
+            "sent"
+            if not temporary and all(r.state == DELIVERED for r in rcpts)
+            else ("deferred" if temporary else "failed")
+        )
+        entry = {"at": now, "attempt": env.attempts + 1, "result": result}
+        if worst is not None:
+            entry.update(step=worst.step, code=worst.code, text=worst.text)
+        env = dataclasses.replace(
+            env,
+            rcpt_to=rcpts,
+            attempts=env.attempts + 1,
+            history=(*env.history, _iso_entry(entry))[-HISTORY_LIMIT:],
+        )
+        if worst is not None and worst.status != "delivered":
+            env = dataclasses.replace(
+                env,
+                last_error=_iso_entry(
+                    {"step": worst.step, "code": worst.code, "text": worst.text, "at": now}
+                ),
+            )
+        delivered = [o for o in outcomes if o.status == "delivered"]
+        if delivered:
+            self.consecutive_failures = 0 if not temporary else self.consecutive_failures
+            self.last_delivery_at = now
+            metrics.DELIVERED.inc(len(delivered))
+            bound.info("delivery.sent", code=delivered[0].code, recipients=len(delivered))
+        for o in outcomes:
+            if o.status == PERMANENT:
+                metrics.FAILED.labels(reply_class=_reply_class(o.code)).inc()
+                bound.warning(
+                    "delivery.refused", rcpt=o.address, code=o.code, text=o.text, step=o.step
+                )
+        if env.pending:
+            await self._reschedule(env, worst, bound, hint)
+        elif any(r.state == REFUSED for r in env.rcpt_to):
+            await self._finish(env, "failed", _refusal_reason(env))
+        else:
+            await asyncio.to_thread(self.spool.remove, env.id)
+            self.forget(env.id)
+
+    async def _reschedule(
+        self, env: Envelope, worst: Outcome | None, bound: Any, hint: str
+    ) -> None:
+        now = self.clock()
+        if now - env.created_at > self.cfg.retry.max_age:
+            await self._finish(env, "expired", self._expired_reason(env))
+            return
+        rt = self.cfg.retry
+        delay = backoff(env.attempts, rt.initial_delay, rt.max_delay)
+        env = dataclasses.replace(env, next_attempt_at=now + delay)
+        await asyncio.to_thread(self.spool.save, env)
+        metrics.DEFERRED.inc()
+        fields = {"step": worst.step, "code": worst.code, "text": worst.text} if worst else {}
+        bound.info(
+            "delivery.deferred",
+            retry_in=round(delay, 3),
+            **fields,
+            **({"hint": hint} if hint else {}),
+        )
+        if not self.stopping:
+            self.enqueue(env)
+
+    def _expired_reason(self, env: Envelope) -> str:
+        last = env.last_error or {}
+        return (
+            f"expired after {env.attempts} attempts over {self.cfg.retry.max_age:.0f}s; "
+            f"last error: {last.get('code') or ''} {last.get('text') or 'none'}"
+        ).strip()
+
+    async def _finish(self, env: Envelope, how: str, reason: str) -> None:
+        env = dataclasses.replace(env, reason=reason)
+        await asyncio.to_thread(self.spool.move, env, "failed")
+        self.forget(env.id)
+        if how == "expired":
+            metrics.FAILED.labels(reply_class="expired").inc()
+        log.warning(f"delivery.{how}", msg_id=env.id, attempts=env.attempts, reason=reason)
+
+
+def _updated(r: Recipient, o: Outcome | None) -> Recipient:
+    if o is None or r.state != "pending":
+        return r
+    state = {"delivered": DELIVERED, PERMANENT: REFUSED}.get(o.status, "pending")
+    return Recipient(r.address, state, o.code, o.text)
+
+
+def _refusal_reason(env: Envelope) -> str:
+    refused = [r for r in env.rcpt_to if r.state == REFUSED]
+    return "; ".join(f"{r.address}: {r.code} {r.reply}" for r in refused)
+
+
+def _reply_class(code: int | None) -> str:
+    return f"{code // 100}xx" if code else "none"
+
+
+def _iso_entry(entry: dict[str, Any]) -> dict[str, Any]:
+    from relayd.spool import iso
+
+    return {**entry, "at": iso(entry["at"])}
+
+
+async def _close(session: Deliverer | None) -> None:
+    if session is not None:
+        await session.close()
+
+
+class Outbox:
+    """--dev deliverer: writes each message to <spool>/outbox/<id>.eml instead of sending it."""
+
+    def __init__(self, spool: Spool) -> None:
+        self.spool = spool
+        self.sent = 0
+
+    async def open(self) -> None:
+        return None
+
+    async def send(self, mail_from: str, rcpt_to: list[str], data: bytes) -> list[Outcome]:
+        msg_id = self.spool.new_id()
+        stub = Envelope(msg_id, mail_from, tuple(Recipient(a) for a in rcpt_to), 0.0, len(data))
+        # What a local delivery agent adds, so the envelope is visible in the file.
+        head = f"Return-Path: <{mail_from}>\r\nX-Original-To: {', '.join(rcpt_to)}\r\n"
+        path = await asyncio.to_thread(self.spool.deliver_to_outbox, stub, head.encode() + data)
+        self.sent += 1
+        return [Outcome(a, "delivered", 250, f"written to {path}", "data") for a in rcpt_to]
+
+    async def close(self) -> None:
+        return None

@@ -1,0 +1,417 @@
+"""The on-disk queue. Synchronous; callers on the event loop run it with asyncio.to_thread.
+
+Layout (every directory 0700, every file 0600)::
+
+    queue/<id>.eml   message bytes as received        queue/<id>.json  envelope (commit point)
+    failed/<id>.*    same pair, permanently failed     tmp/             partial writes
+    corrupt/         files moved aside at scan          outbox/          --dev deliveries
+
+Durability (RFC 5321 §6.1: after 250 the message is ours): a file is written in tmp/,
+fsynced, renamed into place, and the target directory is fsynced, so the rename itself survives
+a power cut. The .eml is renamed before the .json; a .json in queue/ means the pair is complete.
+Directory fsyncs of concurrent writers are shared (group commit): a writer whose rename an
+fsync already covered does not issue another.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import fcntl
+import json
+import os
+import secrets
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from relayd.errors import SpoolError
+
+log = structlog.get_logger()
+
+QUEUE, FAILED, TMP, CORRUPT, OUTBOX = "queue", "failed", "tmp", "corrupt", "outbox"
+PENDING, DELIVERED, REFUSED = "pending", "delivered", "failed"
+HISTORY_LIMIT = 20
+
+
+def iso(ts: float) -> str:
+    """Seconds since the epoch -> '2026-11-30T05:14:00.123456Z'."""
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def parse_iso(text: str) -> float:
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC).timestamp()
+
+
+@dataclass(frozen=True, slots=True)
+class Recipient:
+    address: str
+    state: str = PENDING
+    code: int | None = None
+    reply: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """One queued message's envelope and delivery state, as kept in <id>.json."""
+
+    id: str
+    mail_from: str
+    rcpt_to: tuple[Recipient, ...]
+    created_at: float
+    size: int
+    attempts: int = 0
+    next_attempt_at: float = 0.0
+    last_error: dict[str, Any] | None = None
+    history: tuple[dict[str, Any], ...] = ()
+    reason: str = ""
+    state: str = field(default=QUEUE, compare=False)
+
+    @property
+    def pending(self) -> tuple[Recipient, ...]:
+        return tuple(r for r in self.rcpt_to if r.state == PENDING)
+
+    def to_json(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {
+            "id": self.id,
+            "mail_from": self.mail_from,
+            "rcpt_to": [dataclasses.asdict(r) for r in self.rcpt_to],
+            "created_at": iso(self.created_at),
+            "size": self.size,
+            "attempts": self.attempts,
+            "next_attempt_at": iso(self.next_attempt_at),
+            "last_error": self.last_error,
+            "history": list(self.history),
+        }
+        if self.reason:
+            doc["reason"] = self.reason
+        return doc
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any], state: str = QUEUE) -> Envelope:
+        try:
+            rcpts = tuple(
+                Recipient(
+                    str(r["address"]), str(r["state"]), r.get("code"), str(r.get("reply", ""))
+                )
+                for r in doc["rcpt_to"]
+            )
+            return cls(
+                id=str(doc["id"]),
+                mail_from=str(doc["mail_from"]),
+                rcpt_to=rcpts,
+                created_at=parse_iso(doc["created_at"]),
+                size=int(doc["size"]),
+                attempts=int(doc["attempts"]),
+                next_attempt_at=parse_iso(doc["next_attempt_at"]),
+                last_error=doc.get("last_error"),
+                history=tuple(doc.get("history", ())),
+                reason=str(doc.get("reason", "")),
+                state=state,
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise SpoolError(f"malformed envelope: {exc!r}") from None
+
+
+class Spool:
+    """A spool directory; every method is blocking and safe to call from several threads."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.root = Path(path).absolute()
+        self._last_stamp = 0
+        self._id_lock = threading.Lock()
+        self._gen_lock = threading.Lock()
+        self._sync_lock = threading.Lock()
+        self._renamed: dict[str, int] = {}
+        self._synced: dict[str, int] = {}
+        self._lock_fd: int | None = None
+
+    # -- layout ---------------------------------------------------------------------------
+
+    def create(self) -> None:
+        """Create the directories with mode 0700 (and warn if an existing one is wider)."""
+        try:
+            self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+            for sub in (QUEUE, FAILED, TMP, CORRUPT):
+                (self.root / sub).mkdir(mode=0o700, exist_ok=True)
+        except OSError as exc:
+            raise SpoolError(f"cannot create spool {self.root}: {exc.strerror}") from None
+        for d in (self.root, *(self.root / s for s in (QUEUE, FAILED, TMP))):
+            mode = d.stat().st_mode & 0o777
+            if mode & 0o077:
+                log.warning("spool.mode_too_open", path=str(d), mode=oct(mode))
+            if d.stat().st_uid != os.geteuid():
+                log.warning("spool.wrong_owner", path=str(d), uid=d.stat().st_uid)
+
+    def lock(self) -> None:
+        """Take the spool's daemon lock (one serving relayd per spool) or raise SpoolError."""
+        fd = os.open(self.root / "relayd.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise SpoolError(f"another relayd is serving {self.root}") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock_fd = fd
+
+    def unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def daemon_pid(self) -> int | None:
+        """The pid of the relayd serving this spool, or None when no daemon holds the lock."""
+        path = self.root / "relayd.lock"
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                text = os.pread(fd, 32, 0).decode().strip()
+                return int(text) if text.isdigit() else None
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return None
+        finally:
+            os.close(fd)
+
+    def new_id(self) -> str:
+        """An id that sorts by arrival and is unique across processes: time, then randomness."""
+        with self._id_lock:
+            stamp = max(time.time_ns() // 1000, self._last_stamp + 1)
+            self._last_stamp = stamp
+        when = datetime.fromtimestamp(stamp / 1e6, UTC).strftime("%Y%m%dT%H%M%S")
+        return f"{when}.{stamp % 1_000_000:06d}Z.{secrets.token_hex(4)}"
+
+    def path(self, state: str, msg_id: str, ext: str) -> Path:
+        return self.root / state / f"{msg_id}.{ext}"
+
+    # -- durable writes --------------------------------------------------------------------
+
+    def _write_tmp(self, data: bytes) -> Path:
+        tmp = self.root / TMP / f"{self.new_id()}.{os.getpid()}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
+        os.close(fd)
+        return tmp
+
+    def _sync_dir(self, state: str) -> None:
+        """fsync a directory unless an fsync begun after our rename already covered it."""
+        with self._gen_lock:
+            mine = self._renamed.get(state, 0)
+        with self._sync_lock:
+            if self._synced.get(state, 0) >= mine:
+                return
+            with self._gen_lock:
+                target = self._renamed.get(state, 0)
+            fd = os.open(self.root / state, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            self._synced[state] = target
+
+    def _renamed_into(self, state: str) -> None:
+        with self._gen_lock:
+            self._renamed[state] = self._renamed.get(state, 0) + 1
+
+    def _place(self, tmp: Path, target: Path) -> None:
+        os.rename(tmp, target)
+        self._renamed_into(target.parent.name)
+
+    def put(
+        self, mail_from: str, rcpt_to: list[str], data: bytes, now: float, msg_id: str = ""
+    ) -> Envelope:
+        """Store a message durably; on return the pair is fsynced and the id is safe to 250."""
+        env = Envelope(
+            id=msg_id or self.new_id(),
+            mail_from=mail_from,
+            rcpt_to=tuple(Recipient(a) for a in rcpt_to),
+            created_at=now,
+            size=len(data),
+            next_attempt_at=now,
+        )
+        eml = json_tmp = None
+        try:
+            eml = self._write_tmp(data)
+            json_tmp = self._write_tmp(_dumps(env))
+            self._place(eml, self.path(QUEUE, env.id, "eml"))
+            eml = None
+            self._place(json_tmp, self.path(QUEUE, env.id, "json"))
+            json_tmp = None
+            self._sync_dir(QUEUE)
+        except OSError as exc:
+            for leftover in (eml, json_tmp):
+                if leftover is not None:
+                    with contextlib.suppress(OSError):
+                        leftover.unlink()
+            with contextlib.suppress(OSError):
+                self.path(QUEUE, env.id, "json").unlink()
+            with contextlib.suppress(OSError):
+                self.path(QUEUE, env.id, "eml").unlink()
+            raise SpoolError(
+                f"cannot write message: {os.strerror(exc.errno or errno.EIO)}"
+            ) from exc
+        return env
+
+    def save(self, env: Envelope) -> None:
+        """Durably replace the envelope of a queued message."""
+        tmp = self._write_tmp(_dumps(env))
+        self._place(tmp, self.path(env.state, env.id, "json"))
+        self._sync_dir(env.state)
+
+    def remove(self, msg_id: str, state: str = QUEUE) -> bool:
+        """Delete a message (json first: without it the pair is no longer a message)."""
+        found = False
+        for ext in ("json", "eml"):
+            with contextlib.suppress(FileNotFoundError):
+                self.path(state, msg_id, ext).unlink()
+                found = True
+        self._renamed_into(state)
+        self._sync_dir(state)
+        return found
+
+    def move(self, env: Envelope, to: str) -> Envelope:
+        """Move a message between queue/ and failed/ with its updated envelope.
+
+        Order: the new json is written in the target, then the eml follows, then the old
+        json goes. A crash in between leaves both jsons; scan() keeps the one whose eml is
+        next to it.
+        """
+        moved = dataclasses.replace(env, state=to)
+        tmp = self._write_tmp(_dumps(moved))
+        self._place(tmp, self.path(to, env.id, "json"))
+        os.rename(self.path(env.state, env.id, "eml"), self.path(to, env.id, "eml"))
+        self._renamed_into(to)
+        self._sync_dir(to)
+        with contextlib.suppress(FileNotFoundError):
+            self.path(env.state, env.id, "json").unlink()
+        self._renamed_into(env.state)
+        self._sync_dir(env.state)
+        return moved
+
+    # -- reads -------------------------------------------------------------------------------
+
+    def load(self, msg_id: str, state: str = QUEUE) -> Envelope:
+        try:
+            doc = json.loads(self.path(state, msg_id, "json").read_bytes())
+        except FileNotFoundError:
+            raise SpoolError(f"no such message: {msg_id}") from None
+        except (OSError, ValueError) as exc:
+            raise SpoolError(f"unreadable envelope {msg_id}: {exc}") from None
+        if not isinstance(doc, dict):
+            raise SpoolError(f"malformed envelope {msg_id}")
+        return Envelope.from_json(doc, state)
+
+    def find(self, msg_id: str) -> Envelope:
+        """Load a message from queue/ or failed/."""
+        for state in (QUEUE, FAILED):
+            if self.path(state, msg_id, "json").exists():
+                return self.load(msg_id, state)
+        raise SpoolError(f"no such message: {msg_id}")
+
+    def read(self, env: Envelope) -> bytes:
+        try:
+            return self.path(env.state, env.id, "eml").read_bytes()
+        except OSError as exc:
+            raise SpoolError(f"cannot read message {env.id}: {exc.strerror}") from None
+
+    def scan(self, state: str = QUEUE, repair: bool = False) -> Iterator[Envelope]:
+        """Yield every readable envelope in a state directory, oldest first.
+
+        With repair (only the daemon, at start-up, holding the lock), orphans and corrupt
+        files are moved to corrupt/ with a log line instead of being skipped.
+        """
+        directory = self.root / state
+        try:
+            names = sorted(os.listdir(directory))
+        except OSError as exc:
+            raise SpoolError(f"cannot list {directory}: {exc.strerror}") from None
+        stems: dict[str, set[str]] = {}
+        for name in names:
+            stem, dot, ext = name.rpartition(".")
+            if dot and ext in ("json", "eml"):
+                stems.setdefault(stem, set()).add(ext)
+            elif repair:
+                self._quarantine(directory / name, "unknown file")
+        for stem in sorted(stems):
+            exts = stems[stem]
+            if exts == {"json", "eml"}:
+                try:
+                    yield self.load(stem, state)
+                except SpoolError as exc:
+                    if repair:
+                        self._quarantine(self.path(state, stem, "json"), str(exc))
+                        self._quarantine(self.path(state, stem, "eml"), "envelope corrupt")
+                continue
+            if repair:
+                self._repair_half(state, stem, exts)
+
+    def _repair_half(self, state: str, stem: str, exts: set[str]) -> None:
+        other = FAILED if state == QUEUE else QUEUE
+        moved = self.path(other, stem, "eml").exists() and self.path(other, stem, "json").exists()
+        if exts == {"json"} and moved:
+            # An interrupted move(): the eml already went to `other`, whose json is the newer.
+            self.path(state, stem, "json").unlink()
+            log.info("spool.move_completed", msg_id=stem, state=other)
+            return
+        for ext in exts:
+            why = "envelope without message" if ext == "json" else "message without envelope"
+            self._quarantine(self.path(state, stem, ext), why)
+
+    def _quarantine(self, path: Path, reason: str) -> None:
+        target = self.root / CORRUPT / path.name
+        try:
+            os.rename(path, target)
+        except OSError as exc:
+            log.error("spool.quarantine_failed", path=str(path), error=exc.strerror)
+            return
+        log.warning("spool.quarantined", path=str(path), moved_to=str(target), reason=reason)
+
+    def sweep_tmp(self) -> int:
+        """Remove partial writes left by a crash; returns how many."""
+        count = 0
+        for entry in os.scandir(self.root / TMP):
+            with contextlib.suppress(OSError):
+                os.unlink(entry.path)
+                count += 1
+        if count:
+            log.info("spool.tmp_swept", files=count)
+        return count
+
+    def deliver_to_outbox(self, env: Envelope, data: bytes) -> Path:
+        """--dev delivery: write the message as <spool>/outbox/<id>.eml."""
+        (self.root / OUTBOX).mkdir(mode=0o700, exist_ok=True)
+        tmp = self._write_tmp(data)
+        target = self.path(OUTBOX, env.id, "eml")
+        self._place(tmp, target)
+        self._sync_dir(OUTBOX)
+        return target
+
+
+def _dumps(env: Envelope) -> bytes:
+    return json.dumps(env.to_json(), indent=1, ensure_ascii=False).encode() + b"\n"
+
+
+def is_enospc(exc: BaseException) -> bool:
+    cause = exc.__cause__ if isinstance(exc, SpoolError) else exc
+    return isinstance(cause, OSError) and cause.errno == errno.ENOSPC

@@ -1,0 +1,370 @@
+"""One SMTP session with the provider, via aiosmtplib; the only module that talks to it.
+
+Steps are explicit so every failure names where it happened (dns, connect, tls, ehlo, auth,
+mail, rcpt, data). TLS is never opportunistic: ``implicit`` wraps the socket before the banner,
+``starttls`` fails closed when the server does not offer it, ``none`` is plaintext by request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiosmtplib
+import structlog
+
+from relayd.config import Upstream
+from relayd.errors import UpstreamError
+
+log = structlog.get_logger()
+
+DELIVERED, TEMPORARY, PERMANENT = "delivered", "temporary", "permanent"
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What the upstream said about one recipient of one message."""
+
+    address: str
+    status: str  # delivered | temporary | permanent
+    code: int | None
+    text: str
+    step: str
+
+
+@dataclass(slots=True)
+class StepTiming:
+    step: str
+    seconds: float
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+def tls_context(cfg: Upstream) -> ssl.SSLContext:
+    """System trust store plus ca_file; hostname checks on unless verify is false."""
+    ctx = ssl.create_default_context()
+    if cfg.ca_file:
+        ctx.load_verify_locations(cafile=cfg.ca_file)
+    if not cfg.verify:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+def _classify(code: int | None) -> str:
+    if code is not None and 500 <= code < 600:
+        return PERMANENT
+    return TEMPORARY
+
+
+def auth_hint(host: str, code: int | None, text: str) -> str:
+    lower = host.lower()
+    if "gmail" in lower or "google" in lower:
+        return "Gmail needs an app password (Google account > Security > App passwords)"
+    if "sendgrid" in lower:
+        return "SendGrid expects username 'apikey' and an API key as the password"
+    if "mailgun" in lower:
+        return "Mailgun expects the domain's SMTP credentials, not the account login"
+    if code == 534:
+        return "the provider wants a different login method (app password or OAuth)"
+    return "check upstream.username and the password (file); the provider refused them"
+
+
+def tls_hint(cfg: Upstream, exc: BaseException) -> str:
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        why = exc.verify_message or str(exc)
+        if "hostname" in why.lower() or "ip address mismatch" in why.lower():
+            return f"the certificate is not for {cfg.host}: check upstream.host"
+        return "certificate not trusted: add the issuing CA as upstream.ca_file"
+    if isinstance(exc, ConnectionResetError | ConnectionAbortedError | EOFError) or (
+        isinstance(exc, ssl.SSLError) and "WRONG_VERSION_NUMBER" in str(exc)
+    ):
+        if cfg.tls == "implicit" and cfg.port in (587, 25):
+            return f"port {cfg.port} speaks plain SMTP first: use port 465 or tls: starttls"
+        if cfg.tls == "implicit":
+            return "reset during the TLS handshake: is this port really implicit TLS (465)?"
+    return "TLS handshake failed: check upstream.port and upstream.tls"
+
+
+class Session:
+    """A logged-in connection; call open(), then send() for each message, then close()."""
+
+    def __init__(self, cfg: Upstream, local_hostname: str) -> None:
+        self.cfg = cfg
+        self.local_hostname = local_hostname
+        self.smtp: aiosmtplib.SMTP | None = None
+        self.timings: list[StepTiming] = []
+        self.sent = 0
+        self.extensions: dict[str, str] = {}
+
+    def __repr__(self) -> str:
+        return f"<upstream.Session {self.cfg.host}:{self.cfg.port} tls={self.cfg.tls}>"
+
+    async def _step(self, name: str, coro: Any, **detail: Any) -> Any:
+        start = time.monotonic()
+        result = await coro
+        self.timings.append(StepTiming(name, time.monotonic() - start, detail))
+        return result
+
+    async def open(self) -> None:
+        """Connect, handshake, EHLO and AUTH; raise UpstreamError naming the failed step."""
+        cfg = self.cfg
+        sock = await self._step("dns+connect", self._connect_tcp())
+        ctx = tls_context(cfg) if cfg.tls != "none" else None
+        smtp = aiosmtplib.SMTP(
+            hostname=cfg.host,  # with sock=, only used for SNI and certificate checks
+            sock=sock,
+            use_tls=cfg.tls == "implicit",
+            start_tls=False,
+            tls_context=ctx if cfg.tls == "implicit" else None,
+            local_hostname=self.local_hostname,
+            timeout=cfg.timeout,
+        )
+        self.smtp = smtp
+        try:
+            await self._step("tls" if cfg.tls == "implicit" else "banner", self._handshake(smtp))
+            await self._ehlo(smtp)
+            if cfg.tls == "starttls":
+                await self._starttls(smtp, ctx)
+            if cfg.username:
+                await self._step("auth", self._login(smtp))
+        except BaseException:
+            smtp.close()
+            self.smtp = None
+            raise
+
+    async def _connect_tcp(self) -> socket.socket:
+        cfg = self.cfg
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(cfg.timeout):
+                infos = await loop.getaddrinfo(cfg.host, cfg.port, type=socket.SOCK_STREAM)
+        except (OSError, TimeoutError) as exc:
+            raise UpstreamError(
+                f"cannot resolve {cfg.host}: {exc}",
+                step="dns",
+                temporary=True,
+                hint="check upstream.host and DNS",
+            ) from exc
+        last: BaseException | None = None
+        for family, type_, proto, _, addr in infos:
+            sock = socket.socket(family, type_, proto)
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            try:
+                async with asyncio.timeout(cfg.timeout):
+                    await loop.sock_connect(sock, addr)
+                return sock
+            except (OSError, TimeoutError) as exc:
+                sock.close()
+                last = exc
+        what = "timed out" if isinstance(last, TimeoutError) else str(last)
+        raise UpstreamError(
+            f"cannot connect to {cfg.host}:{cfg.port}: {what}",
+            step="connect",
+            temporary=True,
+            hint="a firewall drops the port, or the port is wrong"
+            if isinstance(last, TimeoutError)
+            else "nothing listens there: check upstream.host and upstream.port",
+        ) from last
+
+    async def _handshake(self, smtp: aiosmtplib.SMTP) -> None:
+        cfg = self.cfg
+        try:
+            await smtp.connect()
+        except aiosmtplib.SMTPConnectResponseError as exc:
+            raise UpstreamError(
+                f"greeting refused: {exc.code} {exc.message}",
+                step="connect",
+                temporary=_classify(exc.code) == TEMPORARY or exc.code == 554,
+                code=exc.code,
+                text=exc.message,
+            ) from exc
+        except (aiosmtplib.SMTPException, OSError) as exc:
+            cause = exc.__cause__ if exc.__cause__ is not None else exc
+            banner = "server ready" in str(exc) or isinstance(cause, aiosmtplib.SMTPException)
+            if cfg.tls != "implicit" or banner:
+                raise UpstreamError(
+                    f"no greeting from {cfg.host}:{cfg.port}: {cause}",
+                    step="connect",
+                    temporary=True,
+                    hint="the server accepted TCP but never greeted",
+                ) from exc
+            raise UpstreamError(
+                f"TLS with {cfg.host}:{cfg.port} failed: {_describe(cause)}",
+                step="tls",
+                temporary=True,
+                hint=tls_hint(cfg, cause),
+            ) from exc
+
+    async def _ehlo(self, smtp: aiosmtplib.SMTP) -> None:
+        try:
+            await self._step("ehlo", smtp.ehlo())
+        except aiosmtplib.SMTPResponseException as exc:
+            raise UpstreamError(
+                f"EHLO refused: {exc.code} {exc.message}",
+                step="ehlo",
+                temporary=True,
+                code=exc.code,
+                text=exc.message,
+            ) from exc
+        except aiosmtplib.SMTPException as exc:
+            raise UpstreamError(f"EHLO failed: {exc}", step="ehlo", temporary=True) from exc
+        self.extensions = dict(smtp.esmtp_extensions)
+
+    async def _starttls(self, smtp: aiosmtplib.SMTP, ctx: ssl.SSLContext | None) -> None:
+        if not smtp.supports_extension("starttls"):
+            raise UpstreamError(
+                f"{self.cfg.host} does not offer STARTTLS; refusing to continue in plaintext",
+                step="tls",
+                temporary=True,
+                hint="use tls: implicit on port 465",
+            )
+        try:
+            await self._step("tls", smtp.starttls(tls_context=ctx, server_hostname=self.cfg.host))
+        except aiosmtplib.SMTPResponseException as exc:
+            raise UpstreamError(
+                f"STARTTLS refused: {exc.code} {exc.message}",
+                step="tls",
+                temporary=True,
+                code=exc.code,
+                text=exc.message,
+            ) from exc
+        except (aiosmtplib.SMTPException, OSError) as exc:
+            cause = exc.__cause__ if exc.__cause__ is not None else exc
+            raise UpstreamError(
+                f"STARTTLS handshake failed: {_describe(cause)}",
+                step="tls",
+                temporary=True,
+                hint=tls_hint(self.cfg, cause),
+            ) from exc
+        await self._ehlo(smtp)
+
+    async def _login(self, smtp: aiosmtplib.SMTP) -> None:
+        cfg = self.cfg
+        try:
+            await smtp.login(cfg.username, cfg.password)
+        except aiosmtplib.SMTPAuthenticationError as exc:
+            # Postfix soft-bounces SASL failures: the mail waits, an operator fixes the login.
+            raise UpstreamError(
+                f"AUTH refused: {exc.code} {exc.message}",
+                step="auth",
+                temporary=True,
+                code=exc.code,
+                text=exc.message,
+                hint=auth_hint(cfg.host, exc.code, exc.message),
+            ) from exc
+        except aiosmtplib.SMTPException as exc:
+            raise UpstreamError(
+                f"AUTH failed: {exc}",
+                step="auth",
+                temporary=True,
+                hint="the server offers no AUTH mechanism relayd supports"
+                if "not supported" in str(exc)
+                else "",
+            ) from exc
+
+    async def send(self, mail_from: str, rcpt_to: list[str], data: bytes) -> list[Outcome]:
+        """Send one message; per-recipient outcomes, or UpstreamError if the session broke."""
+        smtp = self.smtp
+        if smtp is None:
+            raise UpstreamError("session not open", step="connect", temporary=True)
+        step = "mail"
+        try:
+            if self.sent:
+                step = "rset"
+                await smtp.rset()
+            step = "mail"
+            mail = await smtp.execute_command(
+                b"MAIL",
+                b"FROM:<" + mail_from.encode() + b">",
+                *self._mail_options(mail_from, rcpt_to, data),
+            )
+            if mail.code != 250:
+                return [
+                    Outcome(a, _classify(mail.code), mail.code, mail.message, "mail")
+                    for a in rcpt_to
+                ]
+            step = "rcpt"
+            refused, accepted = await self._rcpt_all(smtp, rcpt_to)
+            if not accepted:
+                self.sent += 1
+                return refused
+            step = "data"
+            reply = await self._data(smtp, data)
+            self.sent += 1
+        except aiosmtplib.SMTPResponseException as exc:
+            # 421 or similar mid-transaction: the server is closing; nobody got the message.
+            raise UpstreamError(
+                f"{step.upper()} failed: {exc.code} {exc.message}",
+                step=step,
+                temporary=True,
+                code=exc.code,
+                text=exc.message,
+            ) from exc
+        except (aiosmtplib.SMTPException, OSError) as exc:
+            raise UpstreamError(
+                f"connection lost during {step.upper()}: {_describe(exc)}",
+                step=step,
+                temporary=True,
+            ) from exc
+        status = DELIVERED if reply.code == 250 else _classify(reply.code)
+        return refused + [Outcome(a, status, reply.code, reply.message, "data") for a in accepted]
+
+    def _mail_options(self, mail_from: str, rcpt_to: list[str], data: bytes) -> list[bytes]:
+        smtp = self.smtp
+        assert smtp is not None
+        opts: list[bytes] = []
+        if smtp.supports_extension("size"):
+            opts.append(b"SIZE=%d" % len(data))
+        if smtp.supports_extension("8bitmime") and not data.isascii():
+            opts.append(b"BODY=8BITMIME")
+        if smtp.supports_extension("smtputf8") and not all(
+            a.isascii() for a in [mail_from, *rcpt_to]
+        ):
+            opts.append(b"SMTPUTF8")
+        return opts
+
+    async def _rcpt_all(
+        self, smtp: aiosmtplib.SMTP, rcpt_to: list[str]
+    ) -> tuple[list[Outcome], list[str]]:
+        refused: list[Outcome] = []
+        accepted: list[str] = []
+        for address in rcpt_to:
+            reply = await smtp.execute_command(b"RCPT", b"TO:<" + address.encode() + b">")
+            if reply.code in (250, 251):
+                accepted.append(address)
+            else:
+                refused.append(
+                    Outcome(address, _classify(reply.code), reply.code, reply.message, "rcpt")
+                )
+        return refused, accepted
+
+    async def _data(self, smtp: aiosmtplib.SMTP, data: bytes) -> aiosmtplib.SMTPResponse:
+        try:
+            return await smtp.data(data)
+        except aiosmtplib.SMTPDataError as exc:
+            return aiosmtplib.SMTPResponse(exc.code, exc.message)
+
+    async def close(self) -> None:
+        """QUIT politely (bounded by the timeout), then drop the connection."""
+        smtp, self.smtp = self.smtp, None
+        if smtp is None:
+            return
+        try:
+            if smtp.is_connected:
+                await smtp.quit(timeout=min(self.cfg.timeout, 5.0))
+        except (aiosmtplib.SMTPException, OSError, TimeoutError):
+            pass
+        finally:
+            smtp.close()
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"certificate verify failed: {exc.verify_message}"
+    text = str(exc) or type(exc).__name__
+    return f"{type(exc).__name__}: {text}" if isinstance(exc, OSError) else text

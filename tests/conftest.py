@@ -1,0 +1,234 @@
+"""Shared fixtures: a real TLS upstream (aiosmtpd behind a trustme CA), an in-process daemon,
+an SMTP client, and a deadline-bound poll helper. Everything runs on 127.0.0.1, port 0."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import ssl
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiosmtplib
+import pytest
+import trustme
+from aiosmtpd.smtp import SMTP, AuthResult
+
+from relayd import config as config_mod
+from relayd.app import Daemon
+from relayd.config import Config
+
+USER, PASSWORD = "app@example.com", "s3cret-Pa55word!"
+
+
+async def eventually(pred: Callable[[], Any], timeout: float = 10.0, what: str = "") -> Any:
+    """Poll pred until it returns something truthy or the deadline passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or pred}")
+        await asyncio.sleep(0.01)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Received:
+    mail_from: str
+    rcpt_tos: list[str]
+    data: bytes
+    login: str | None
+
+
+@dataclass
+class Sink:
+    """A scriptable upstream: what it received and what it should answer next."""
+
+    messages: list[Received] = field(default_factory=list)
+    logins: list[str] = field(default_factory=list)
+    auth_failures: int = 0
+    mail_commands: int = 0
+    password: str = PASSWORD
+    data_replies: list[str] = field(default_factory=list)
+    rcpt_replies: dict[str, str] = field(default_factory=dict)
+    sessions: int = 0
+    port: int = 0
+    server: asyncio.base_events.Server | None = None
+
+    async def handle_MAIL(
+        self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
+    ) -> str:
+        self.mail_commands += 1
+        envelope.mail_from = address
+        envelope.mail_options.extend(options)
+        return "250 OK"
+
+    async def handle_RCPT(
+        self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
+    ) -> str:
+        if address in self.rcpt_replies:
+            return self.rcpt_replies[address]
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        if self.data_replies:
+            return self.data_replies.pop(0)
+        login = (
+            session.auth_data.decode()
+            if isinstance(session.auth_data, bytes)
+            else (session.auth_data)
+        )
+        self.messages.append(
+            Received(envelope.mail_from, list(envelope.rcpt_tos), envelope.original_content, login)
+        )
+        return "250 2.0.0 queued upstream"
+
+    def authenticate(
+        self, server: Any, session: Any, envelope: Any, mechanism: str, auth_data: Any
+    ) -> AuthResult:
+        ok = auth_data.login.decode() == USER and auth_data.password.decode() == self.password
+        if ok:
+            self.logins.append(auth_data.login.decode())
+            return AuthResult(success=True, auth_data=auth_data.login)
+        self.auth_failures += 1
+        return AuthResult(success=False, handled=False)
+
+
+@dataclass
+class Pki:
+    ca: trustme.CA
+    ca_file: Path
+    server_ctx: ssl.SSLContext
+
+
+def make_pki(tmp: Path, *names: str) -> Pki:
+    ca = trustme.CA()
+    cert = ca.issue_cert(*names)
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    cert.configure_cert(ctx)
+    ca_file = tmp / f"ca-{id(ca)}.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    return Pki(ca, ca_file, ctx)
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> Pki:
+    return make_pki(tmp_path, "127.0.0.1", "localhost")
+
+
+async def start_sink(
+    sink: Sink,
+    ssl_ctx: ssl.SSLContext | None,
+    port: int = 0,
+    starttls_ctx: ssl.SSLContext | None = None,
+) -> Sink:
+    loop = asyncio.get_running_loop()
+
+    def factory() -> SMTP:
+        sink.sessions += 1
+        return SMTP(
+            sink,
+            hostname="upstream.test",
+            authenticator=sink.authenticate,
+            auth_require_tls=False,
+            auth_required=True,
+            tls_context=starttls_ctx,
+            require_starttls=False,
+        )
+
+    sink.server = await loop.create_server(factory, "127.0.0.1", port, ssl=ssl_ctx)
+    sink.port = sink.server.sockets[0].getsockname()[1]
+    return sink
+
+
+async def stop_sink(sink: Sink) -> None:
+    if sink.server is not None:
+        sink.server.close()
+        sink.server = None
+
+
+@pytest.fixture
+async def sink(pki: Pki) -> AsyncIterator[Sink]:
+    s = await start_sink(Sink(), pki.server_ctx)
+    yield s
+    await stop_sink(s)
+
+
+def make_config(tmp_path: Path, port: int, ca_file: Path | None, **env: Any) -> Config:
+    """A Config built the way operators build one: through RELAYD_* variables."""
+    environ = {
+        "RELAYD_LISTEN_PORT": "0",
+        "RELAYD_SPOOL_PATH": str(tmp_path / "spool"),
+        "RELAYD_UPSTREAM_HOST": "127.0.0.1",
+        "RELAYD_UPSTREAM_PORT": str(port),
+        "RELAYD_UPSTREAM_USERNAME": USER,
+        "RELAYD_UPSTREAM_PASSWORD": PASSWORD,
+        "RELAYD_UPSTREAM_TIMEOUT": "5",
+        "RELAYD_RETRY_INITIAL_DELAY": "0.05",
+        "RELAYD_RETRY_MAX_DELAY": "0.4",
+    }
+    if ca_file is not None:
+        environ["RELAYD_UPSTREAM_CA_FILE"] = str(ca_file)
+    environ.update({f"RELAYD_{k.upper()}": str(v) for k, v in env.items()})
+    return config_mod.load(None, environ)
+
+
+@contextlib.asynccontextmanager
+async def running(cfg: Config, dev: bool = False) -> AsyncIterator[Daemon]:
+    daemon = Daemon(cfg, None, dev, {}, signals=False)
+    task = asyncio.create_task(daemon.run())
+    started = asyncio.create_task(daemon.started.wait())
+    done, _ = await asyncio.wait({task, started}, timeout=10, return_when="FIRST_COMPLETED")
+    if task in done:
+        task.result()
+    assert started in done, "daemon did not start"
+    try:
+        yield daemon
+    finally:
+        daemon.stop.set()
+        await asyncio.wait_for(task, 30)
+
+
+async def submit(port: int, mail_from: str, rcpts: list[str], data: bytes) -> tuple[int, str]:
+    """Send one message over plain SMTP to the listener; returns the reply to DATA."""
+    client = aiosmtplib.SMTP(
+        hostname="127.0.0.1", port=port, start_tls=False, local_hostname="client.test", timeout=10
+    )
+    await client.connect()
+    try:
+        await client.ehlo()
+        await client.mail(mail_from)
+        for r in rcpts:
+            await client.rcpt(r)
+        try:
+            reply = await client.data(data)
+        except aiosmtplib.SMTPResponseException as exc:
+            return exc.code, exc.message
+        return reply.code, reply.message
+    finally:
+        client.close()
+
+
+def message(subject: str = "hello", body: str = "Hi there.\r\n") -> bytes:
+    return (
+        f"From: app@example.com\r\nTo: user@example.org\r\nSubject: {subject}\r\n"
+        f"Date: Mon, 30 Nov 2026 05:00:00 +0000\r\nMessage-ID: <{subject}@example.com>\r\n"
+        f"\r\n{body}"
+    ).encode()
+
+
+def queue_files(cfg: Config, state: str = "queue") -> list[str]:
+    d = Path(cfg.spool.path) / state
+    return sorted(p.name for p in d.iterdir()) if d.exists() else []

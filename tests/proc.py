@@ -1,0 +1,105 @@
+"""`relayd serve` as a real subprocess: start, read its JSON log lines, signal, kill."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+
+class ServeProcess:
+    def __init__(self, env: dict[str, str], args: list[str] | None = None) -> None:
+        self.env = {**os.environ, **env, "RELAYD_LOG_FORMAT": "json"}
+        self.args = args or []
+        self.proc: asyncio.subprocess.Process | None = None
+        self.lines: list[dict[str, Any]] = []
+        self.raw: list[str] = []
+        self.port = 0
+        self._reader: asyncio.Task[None] | None = None
+        self._started = asyncio.Event()
+
+    async def start(self, timeout: float = 30.0) -> ServeProcess:
+        self._started = asyncio.Event()
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "relayd",
+            "serve",
+            *self.args,
+            env=self.env,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        self._reader = asyncio.create_task(self._read(self.proc))
+        waiter = asyncio.create_task(self._started.wait())
+        done, _ = await asyncio.wait(
+            {waiter, self._reader}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+        )
+        if waiter not in done:
+            waiter.cancel()
+            raise AssertionError("relayd serve did not start:\n" + "\n".join(self.raw[-20:]))
+        return self
+
+    async def _read(self, proc: asyncio.subprocess.Process) -> None:
+        assert proc.stderr is not None
+        async for raw in proc.stderr:
+            text = raw.decode(errors="replace").rstrip("\n")
+            self.raw.append(text)
+            try:
+                line = json.loads(text)
+            except ValueError:
+                continue
+            self.lines.append(line)
+            if line.get("event") == "server.started":
+                self.port = int(line["port"])
+                self._started.set()
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        return [line for line in self.lines if line.get("event") == name]
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    async def wait(self, timeout: float = 30.0) -> int:
+        assert self.proc is not None
+        code = await asyncio.wait_for(self.proc.wait(), timeout)
+        if self._reader is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._reader, 5)
+        return code
+
+    async def kill9(self) -> None:
+        self.signal(signal.SIGKILL)
+        await self.wait()
+
+    async def stop(self) -> int:
+        if self.proc is None or self.proc.returncode is not None:
+            return self.proc.returncode if self.proc else 0
+        self.signal(signal.SIGTERM)
+        return await self.wait()
+
+
+def serve_env(spool: Path, upstream_port: int, ca_file: Path, **extra: str) -> dict[str, str]:
+    from conftest import PASSWORD, USER
+
+    env = {
+        "RELAYD_LISTEN_PORT": "0",
+        "RELAYD_SPOOL_PATH": str(spool),
+        "RELAYD_UPSTREAM_HOST": "127.0.0.1",
+        "RELAYD_UPSTREAM_PORT": str(upstream_port),
+        "RELAYD_UPSTREAM_CA_FILE": str(ca_file),
+        "RELAYD_UPSTREAM_USERNAME": USER,
+        "RELAYD_UPSTREAM_PASSWORD": PASSWORD,
+        "RELAYD_UPSTREAM_TIMEOUT": "5",
+        "RELAYD_RETRY_INITIAL_DELAY": "0.05",
+        "RELAYD_RETRY_MAX_DELAY": "0.3",
+    }
+    env.update({f"RELAYD_{k.upper()}": v for k, v in extra.items()})
+    return env

@@ -1,0 +1,58 @@
+"""The daemon as operators run it: a `relayd serve` subprocess, killed and restarted."""
+
+from __future__ import annotations
+
+import signal
+
+from conftest import Sink, eventually, free_port, message, start_sink, stop_sink, submit
+from proc import ServeProcess, serve_env
+
+
+async def test_kill_9_loses_nothing_that_got_250(tmp_path, pki):
+    """Queue while the upstream is down, kill -9, restart, upstream up: all delivered."""
+    port = free_port()
+    env = serve_env(tmp_path / "spool", port, pki.ca_file)
+    first = await ServeProcess(env).start()
+    subjects = [f"m{i}" for i in range(5)]
+    for s in subjects:
+        code, _ = await submit(first.port, "app@example.com", ["u@example.org"], message(s))
+        assert code == 250
+    await first.kill9()
+    second = await ServeProcess(env).start()
+    assert second.events("server.started")[0]["queued"] == 5
+    sink = await start_sink(Sink(), pki.server_ctx, port=port)
+    try:
+        await eventually(lambda: len(sink.messages) >= 5, timeout=30, what="5 deliveries")
+        got = sorted(
+            m.data.split(b"Subject: ")[1].split(b"\r\n")[0].decode() for m in sink.messages
+        )
+        assert got == subjects
+    finally:
+        assert await second.stop() == 0
+        await stop_sink(sink)
+    assert second.events("server.stopped")
+
+
+async def test_sigterm_stops_cleanly_with_exit_0(tmp_path, pki):
+    """SIGTERM: stop accepting, finish, exit 0, log server.stopped."""
+    env = serve_env(tmp_path / "spool", free_port(), pki.ca_file)
+    proc = await ServeProcess(env).start()
+    proc.signal(signal.SIGTERM)
+    assert await proc.wait() == 0
+    assert proc.events("server.stopped")
+
+
+async def test_dev_mode_writes_to_outbox_and_says_so(tmp_path):
+    """`relayd serve --dev` needs no provider: mail lands in <spool>/outbox/."""
+    spool = tmp_path / "spool"
+    proc = await ServeProcess(
+        {"RELAYD_SPOOL_PATH": str(spool), "RELAYD_LISTEN_PORT": "0"}, ["--dev"]
+    ).start()
+    try:
+        assert proc.events("dev_mode"), "dev mode must announce itself"
+        code, _ = await submit(proc.port, "app@example.com", ["u@example.org"], message("dev"))
+        assert code == 250
+        files = await eventually(lambda: list((spool / "outbox").glob("*.eml")))
+        assert b"Subject: dev" in files[0].read_bytes()
+    finally:
+        assert await proc.stop() == 0

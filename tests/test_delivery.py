@@ -1,0 +1,204 @@
+"""The core promise end to end: listener -> spool -> verified implicit TLS upstream."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from conftest import (
+    PASSWORD,
+    USER,
+    Sink,
+    eventually,
+    free_port,
+    make_config,
+    make_pki,
+    message,
+    queue_files,
+    running,
+    start_sink,
+    stop_sink,
+    submit,
+)
+from structlog.testing import capture_logs
+
+
+async def test_bytes_envelope_and_auth_reach_the_upstream(tmp_path, pki, sink):
+    """The upstream gets the exact bytes, the envelope sender, every recipient, via AUTH."""
+    cfg = make_config(tmp_path, sink.port, pki.ca_file)
+    data = message("exact") + b"line two\r\n..leading dot\r\n\xc3\xa9 8-bit\r\n"
+    rcpts = ["a@example.org", "b@example.org", "c@example.net"]
+    async with running(cfg) as d:
+        code, text = await submit(d.address[1], "app@example.com", rcpts, data)
+        assert code == 250 and "queued as" in text
+        await eventually(lambda: sink.messages, what="delivery")
+        await eventually(lambda: not queue_files(cfg), what="spool emptied")
+    got = sink.messages[0]
+    assert got.data == data
+    assert got.mail_from == "app@example.com"
+    assert got.rcpt_tos == rcpts
+    assert got.login == USER
+    assert sink.logins == [USER]
+
+
+async def test_upstream_down_then_back_delivers_with_retries(tmp_path, pki):
+    """With the upstream down the message stays queued; when it returns it goes out."""
+    port = free_port()
+    cfg = make_config(tmp_path, port, pki.ca_file)
+    async with running(cfg) as d:
+        code, _ = await submit(d.address[1], "app@example.com", ["u@example.org"], message())
+        assert code == 250
+        spool = Path(cfg.spool.path)
+
+        def attempted() -> bool:
+            files = list((spool / "queue").glob("*.json"))
+            return bool(files) and json.loads(files[0].read_text())["attempts"] >= 2
+
+        await eventually(attempted, what="two failed attempts")
+        env = json.loads(next((spool / "queue").glob("*.json")).read_text())
+        assert env["last_error"]["step"] == "connect"
+        sink = await start_sink(Sink(), pki.server_ctx, port=port)
+        try:
+            await eventually(lambda: sink.messages, what="delivery after recovery")
+            await eventually(lambda: not queue_files(cfg), what="spool emptied")
+        finally:
+            await stop_sink(sink)
+
+
+async def test_4xx_after_data_is_retried_with_growing_delay(tmp_path, pki, sink):
+    """451 after DATA defers; each retry waits longer than the one before."""
+    sink.data_replies = ["451 4.3.0 try later"] * 3
+    cfg = make_config(tmp_path, sink.port, pki.ca_file, retry_max_delay="5")
+    with capture_logs() as logs:
+        async with running(cfg) as d:
+            await submit(d.address[1], "app@example.com", ["u@example.org"], message())
+            await eventually(lambda: sink.messages, what="delivery after three 451s")
+    deferred = [e for e in logs if e["event"] == "delivery.deferred"]
+    assert [e["code"] for e in deferred] == [451, 451, 451]
+    delays = [e["retry_in"] for e in deferred]
+    assert delays[0] < delays[1] < delays[2], delays
+    sent = [e for e in logs if e["event"] == "delivery.sent"]
+    assert sent[0]["attempt"] == 4
+
+
+async def test_5xx_after_data_moves_message_to_failed(tmp_path, pki, sink):
+    """A permanent refusal ends in failed/ with the upstream's reply."""
+    sink.data_replies = ["554 5.7.1 message rejected as spam"]
+    cfg = make_config(tmp_path, sink.port, pki.ca_file)
+    async with running(cfg) as d:
+        await submit(d.address[1], "app@example.com", ["u@example.org"], message())
+        await eventually(lambda: len(queue_files(cfg, "failed")) == 2, what="failed/ pair")
+    env = json.loads(next((Path(cfg.spool.path) / "failed").glob("*.json")).read_text())
+    assert env["rcpt_to"][0]["state"] == "failed"
+    assert env["rcpt_to"][0]["code"] == 554
+    assert "spam" in env["reason"]
+    assert queue_files(cfg) == []
+    assert sink.messages == []
+
+
+async def test_one_refused_recipient_does_not_stop_the_others(tmp_path, pki, sink):
+    """550 for one RCPT: the others are delivered, the refusal is recorded in failed/."""
+    sink.rcpt_replies = {"gone@example.org": "550 5.1.1 no such user"}
+    cfg = make_config(tmp_path, sink.port, pki.ca_file)
+    async with running(cfg) as d:
+        await submit(
+            d.address[1],
+            "app@example.com",
+            ["a@example.org", "gone@example.org", "b@example.org"],
+            message(),
+        )
+        await eventually(lambda: len(queue_files(cfg, "failed")) == 2, what="failed/ pair")
+    assert sink.messages[0].rcpt_tos == ["a@example.org", "b@example.org"]
+    env = json.loads(next((Path(cfg.spool.path) / "failed").glob("*.json")).read_text())
+    states = {r["address"]: r["state"] for r in env["rcpt_to"]}
+    assert states == {
+        "a@example.org": "delivered",
+        "gone@example.org": "failed",
+        "b@example.org": "delivered",
+    }
+    assert "gone@example.org: 550" in env["reason"]
+
+
+async def test_expired_message_moves_to_failed(tmp_path, pki):
+    """A message older than retry.max_age is moved to failed/ as expired."""
+    cfg = make_config(tmp_path, free_port(), pki.ca_file, retry_max_age="0.3")
+    async with running(cfg) as d:
+        await submit(d.address[1], "app@example.com", ["u@example.org"], message())
+        await eventually(lambda: len(queue_files(cfg, "failed")) == 2, what="expiry")
+    env = json.loads(next((Path(cfg.spool.path) / "failed").glob("*.json")).read_text())
+    assert env["reason"].startswith("expired after")
+    assert env["attempts"] >= 1
+
+
+async def test_untrusted_certificate_sends_nothing(tmp_path, pki, sink):
+    """A certificate from an unknown CA: no AUTH, no MAIL, the message stays queued."""
+    other = make_pki(tmp_path, "127.0.0.1")
+    cfg = make_config(tmp_path, sink.port, other.ca_file)
+    async with running(cfg) as d:
+        await submit(d.address[1], "app@example.com", ["u@example.org"], message())
+        spool = Path(cfg.spool.path) / "queue"
+
+        def failed_once():
+            files = list(spool.glob("*.json"))
+            return files and json.loads(files[0].read_text())["last_error"]
+
+        err = await eventually(failed_once, what="a failed attempt")
+    assert err["step"] == "tls" and "certificate verify failed" in err["text"]
+    assert sink.mail_commands == 0 and sink.logins == [] and sink.auth_failures == 0
+    assert len(queue_files(cfg)) == 2
+
+
+async def test_wrong_host_certificate_sends_nothing(tmp_path, sink):
+    """A trusted certificate for another host name is refused like an untrusted one."""
+    wrong = make_pki(tmp_path, "mail.other.example")
+    s = await start_sink(Sink(), wrong.server_ctx)
+    try:
+        cfg = make_config(tmp_path, s.port, wrong.ca_file)
+        async with running(cfg) as d:
+            await submit(d.address[1], "app@example.com", ["u@example.org"], message())
+            spool = Path(cfg.spool.path) / "queue"
+
+            def failed_once():
+                files = list(spool.glob("*.json"))
+                return files and json.loads(files[0].read_text())["last_error"]
+
+            err = await eventually(failed_once, what="a failed attempt")
+        assert err["step"] == "tls"
+        assert s.mail_commands == 0 and s.logins == []
+    finally:
+        await stop_sink(s)
+
+
+async def test_starttls_not_offered_never_falls_back_to_plaintext(tmp_path):
+    """tls: starttls against a server without STARTTLS: nothing is sent in plaintext."""
+    plain = await start_sink(Sink(), None)
+    try:
+        cfg = make_config(tmp_path, plain.port, None, upstream_tls="starttls")
+        async with running(cfg) as d:
+            await submit(d.address[1], "app@example.com", ["u@example.org"], message())
+            spool = Path(cfg.spool.path) / "queue"
+
+            def failed_once():
+                files = list(spool.glob("*.json"))
+                return files and json.loads(files[0].read_text())["last_error"]
+
+            err = await eventually(failed_once, what="a failed attempt")
+        assert err["step"] == "tls" and "STARTTLS" in err["text"]
+        assert plain.mail_commands == 0 and plain.logins == [] and plain.auth_failures == 0
+    finally:
+        await stop_sink(plain)
+
+
+async def test_wrong_password_keeps_mail_queued_and_says_why(tmp_path, pki, sink):
+    """535 on AUTH defers (as Postfix soft-bounces) and logs an error with a hint."""
+    sink.password = "something-else"
+    cfg = make_config(tmp_path, sink.port, pki.ca_file)
+    with capture_logs() as logs:
+        async with running(cfg) as d:
+            await submit(d.address[1], "app@example.com", ["u@example.org"], message())
+            await eventually(lambda: sink.auth_failures >= 1, what="an AUTH attempt")
+            await eventually(lambda: any(e["event"] == "delivery.deferred" for e in logs))
+    auth = [e for e in logs if e["event"] == "upstream.auth_failed"]
+    assert auth and auth[0]["code"] == 535 and auth[0]["hint"]
+    assert len(queue_files(cfg)) == 2 and queue_files(cfg, "failed") == []
+    assert PASSWORD not in repr(logs)

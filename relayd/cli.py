@@ -1,13 +1,14 @@
 """Command line: serve | queue … | check | health | sendmail | --version.
 
-The only module that prints or picks exit codes: 0 ok, 1 failure, 2 usage, 75 temporary
-failure (sendmail, EX_TEMPFAIL), 78 bad configuration (EX_CONFIG; systemd's
-RestartPreventExitStatus).
+cli and the command modules it registers (commands, health) are the only code that prints;
+cli alone picks exit codes: 0 ok, 1 failure, 2 usage, 75 temporary failure (sendmail,
+EX_TEMPFAIL), 78 bad configuration (EX_CONFIG; systemd's RestartPreventExitStatus).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from collections.abc import Sequence
@@ -22,15 +23,17 @@ EX_OK, EX_FAIL, EX_USAGE, EX_TEMPFAIL, EX_CONFIG = 0, 1, 2, 75, 78
 DEV_SPOOL = "relayd-dev-spool"
 
 
-class _Parser(argparse.ArgumentParser):
+class Parser(argparse.ArgumentParser):
+    """argparse with relayd's one-line usage errors (exit 2)."""
+
     def error(self, message: str) -> NoReturn:
-        self.exit(EX_USAGE, f"relayd: {message} (see relayd --help)\n")
+        self.exit(EX_USAGE, f"{self.prog}: {message} (see --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="relayd", description="A durable local SMTP relay.")
+    parser = Parser(prog="relayd", description="A durable local SMTP relay.")
     parser.add_argument("--version", action="version", version=f"relayd {__version__}")
-    common = _Parser(add_help=False)
+    common = Parser(add_help=False)
     common.add_argument(
         "--config",
         "-c",
@@ -38,41 +41,29 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("RELAYD_CONFIG"),
         help="YAML config file (default: $RELAYD_CONFIG, else built-in defaults + RELAYD_*)",
     )
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     serve = sub.add_parser("serve", parents=[common], help="run the daemon in the foreground")
     serve.add_argument(
         "--dev",
         action="store_true",
         help=f"no provider: write messages to <spool>/outbox/ (spool ./{DEV_SPOOL} by default)",
     )
-    from relayd import commands
+    serve.set_defaults(func=cmd_serve)
+    from relayd import commands, health
 
     commands.add_parsers(sub, common)
+    health.add_parser(sub, common)
     return parser
 
 
 def load_config(args: argparse.Namespace, dev: bool = False) -> Config:
+    """The config every command uses: --config file, then RELAYD_* from the environment."""
     environ = dict(os.environ)
     cfg = config_mod.load(args.config, environ)
     spool_set = bool(environ.get("RELAYD_SPOOL_PATH") or environ.get("STATE_DIRECTORY"))
     if dev and not spool_set and cfg.spool.path == config_mod.DEFAULT_SPOOL:
-        import dataclasses
-
-        if not args.config or "path" not in _file_keys(args.config, "spool"):
-            cfg = dataclasses.replace(cfg, spool=dataclasses.replace(cfg.spool, path=DEV_SPOOL))
+        cfg = dataclasses.replace(cfg, spool=dataclasses.replace(cfg.spool, path=DEV_SPOOL))
     return cfg
-
-
-def _file_keys(path: str, section: str) -> set[str]:
-    import yaml
-
-    try:
-        with open(path, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh) or {}
-    except (OSError, yaml.YAMLError):
-        return set()
-    sec = data.get(section) if isinstance(data, dict) else None
-    return set(sec) if isinstance(sec, dict) else set()
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -88,17 +79,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return app.run(cfg, args.config, args.dev, os.environ)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def run_command(func: object, args: argparse.Namespace) -> int:
+    """Run a command function, turning relayd's errors into one line and an exit code."""
     try:
-        if args.command == "serve":
-            return cmd_serve(args)
-        from relayd import commands
-
-        return commands.dispatch(args)
+        code = func(args)  # type: ignore[operator]  # set by set_defaults(func=...)
+        return int(code)
     except ConfigError as exc:
-        print(f"relayd: config: {exc}", file=sys.stderr)
+        print(f"relayd: config: {logs.redact(str(exc))}", file=sys.stderr)
         return EX_CONFIG
     except RelaydError as exc:
         print(f"relayd: {logs.redact(str(exc))}", file=sys.stderr)
@@ -107,6 +94,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return EX_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_command(args.func, args)
 
 
 def sendmail_main(argv: Sequence[str] | None = None) -> int:

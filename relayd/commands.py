@@ -16,6 +16,7 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     ls = qsub.add_parser("list", parents=[common], help="one row per message")
     ls.add_argument("--json", action="store_true")
     ls.add_argument("--state", choices=[QUEUE + "d", FAILED])
+    ls.set_defaults(func=dispatch)
 
 
 def dispatch(args: argparse.Namespace) -> int:

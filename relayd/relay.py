@@ -299,7 +299,11 @@ class Relay:
         rt = self.cfg.retry
         delay = backoff(env.attempts, rt.initial_delay, rt.max_delay)
         env = dataclasses.replace(env, next_attempt_at=now + delay)
-        await asyncio.to_thread(self.spool.save, env)
+        try:
+            await asyncio.to_thread(self.spool.save, env)
+        except SpoolError:
+            self.forget(env.id)  # deleted by an operator during the attempt
+            return
         metrics.DEFERRED.inc()
         fields = {"step": worst.step, "code": worst.code, "text": worst.text} if worst else {}
         bound.info(

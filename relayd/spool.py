@@ -274,7 +274,9 @@ class Spool:
         return env
 
     def save(self, env: Envelope) -> None:
-        """Durably replace the envelope of a queued message."""
+        """Durably replace the envelope of a queued message (SpoolError if it was deleted)."""
+        if not self.path(env.state, env.id, "eml").exists():
+            raise SpoolError(f"no such message: {env.id}")
         tmp = self._write_tmp(_dumps(env))
         self._place(tmp, self.path(env.state, env.id, "json"))
         self._sync_dir(env.state)

@@ -202,3 +202,28 @@ async def test_wrong_password_keeps_mail_queued_and_says_why(tmp_path, pki, sink
     assert auth and auth[0]["code"] == 535 and auth[0]["hint"]
     assert len(queue_files(cfg)) == 2 and queue_files(cfg, "failed") == []
     assert PASSWORD not in repr(logs)
+
+
+async def test_one_session_carries_many_messages(tmp_path, pki, sink):
+    """With max_connections 1, a burst goes out over a single login, RSET between messages."""
+    cfg = make_config(tmp_path, sink.port, pki.ca_file, upstream_max_connections="1")
+    async with running(cfg) as d:
+        for i in range(10):
+            code, _ = await submit(
+                d.address[1], "app@example.com", ["u@example.org"], message(f"burst{i}")
+            )
+            assert code == 250
+        await eventually(lambda: len(sink.messages) == 10, what="10 deliveries")
+    assert sink.logins == [USER]
+    assert sink.sessions == 1
+
+
+def test_backoff_doubles_with_jitter_up_to_the_cap():
+    """backoff(n) is initial * 2^(n-1) within ±25 %, never above max_delay."""
+    from relayd.relay import backoff
+
+    assert backoff(1, 60, 3600, rand=0.5) == 60
+    assert backoff(3, 60, 3600, rand=0.5) == 240
+    assert backoff(2, 60, 3600, rand=0.0) == 90
+    assert backoff(2, 60, 3600, rand=1.0) == 150
+    assert backoff(30, 60, 3600, rand=1.0) == 3600

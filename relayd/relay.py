@@ -187,10 +187,7 @@ class Relay:
         bound = log.bind(msg_id=env.id, attempt=env.attempts + 1)
         started = time.monotonic()
         try:
-            if session is None:
-                session = self.connect()
-                await session.open()
-            outcomes = await session.send(env.mail_from, [r.address for r in env.pending], data)
+            session, outcomes = await self._send(env, data, session)
         except UpstreamError as err:
             await _close(session)
             metrics.UPSTREAM_FAILURES.labels(step=err.step).inc()
@@ -204,6 +201,27 @@ class Relay:
             await _close(session)
             return None
         return session
+
+    async def _send(
+        self, env: Envelope, data: bytes, session: Deliverer | None
+    ) -> tuple[Deliverer, list[Outcome]]:
+        rcpts = [r.address for r in env.pending]
+        if session is not None:
+            try:
+                return session, await session.send(env.mail_from, rcpts, data)
+            except UpstreamError as err:
+                # A reused session the provider closed while idle fails at RSET or MAIL
+                # before anything of this message was accepted: reconnect once, no deferral.
+                if err.step not in ("rset", "mail") or err.code is not None:
+                    raise
+                await _close(session)
+        fresh = self.connect()
+        try:
+            await fresh.open()
+            return fresh, await fresh.send(env.mail_from, rcpts, data)
+        except BaseException:
+            await _close(fresh)
+            raise
 
     def _retry_later(self, msg_id: str) -> None:
         if msg_id in self.due and not self.stopping:

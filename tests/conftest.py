@@ -63,6 +63,7 @@ class Sink:
     data_replies: list[str] = field(default_factory=list)
     rcpt_replies: dict[str, str] = field(default_factory=dict)
     sessions: int = 0
+    protocols: list[Any] = field(default_factory=list)
     port: int = 0
     server: asyncio.base_events.Server | None = None
 
@@ -138,7 +139,7 @@ async def start_sink(
 
     def factory() -> SMTP:
         sink.sessions += 1
-        return SMTP(
+        proto = SMTP(
             sink,
             hostname="upstream.test",
             authenticator=sink.authenticate,
@@ -147,10 +148,19 @@ async def start_sink(
             tls_context=starttls_ctx,
             require_starttls=False,
         )
+        sink.protocols.append(proto)
+        return proto
 
     sink.server = await loop.create_server(factory, "127.0.0.1", port, ssl=ssl_ctx)
     sink.port = sink.server.sockets[0].getsockname()[1]
     return sink
+
+
+def drop_sessions(sink: Sink) -> None:
+    """Close every session server-side, as a provider does with idle connections."""
+    for proto in sink.protocols:
+        if proto.transport is not None:
+            proto.transport.close()
 
 
 async def stop_sink(sink: Sink) -> None:

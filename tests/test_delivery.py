@@ -227,3 +227,22 @@ def test_backoff_doubles_with_jitter_up_to_the_cap():
     assert backoff(2, 60, 3600, rand=0.0) == 90
     assert backoff(2, 60, 3600, rand=1.0) == 150
     assert backoff(30, 60, 3600, rand=1.0) == 3600
+
+
+async def test_session_closed_by_provider_while_idle_is_replaced_without_deferral(
+    tmp_path, pki, sink
+):
+    """The provider drops an idle session: the next message goes out on a new one, first try."""
+    from conftest import drop_sessions
+
+    cfg = make_config(tmp_path, sink.port, pki.ca_file, upstream_max_connections="1")
+    with capture_logs() as logs:
+        async with running(cfg) as d:
+            await submit(d.address[1], "app@example.com", ["u@example.org"], message("one"))
+            await eventually(lambda: len(sink.messages) == 1, what="first delivery")
+            drop_sessions(sink)
+            await submit(d.address[1], "app@example.com", ["u@example.org"], message("two"))
+            await eventually(lambda: len(sink.messages) == 2, what="second delivery")
+    assert not [e for e in logs if e["event"] == "delivery.deferred"]
+    assert [e["attempt"] for e in logs if e["event"] == "delivery.sent"] == [1, 1]
+    assert len(sink.logins) == 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -22,13 +23,15 @@ from relayd.errors import ConfigError
 from relayd.notify import Notifier
 from relayd.relay import Deliverer, Outbox, Relay
 from relayd.server import Handler, Listener
-from relayd.spool import QUEUE, Spool
+from relayd.spool import FAILED, QUEUE, Spool
 from relayd.upstream import Session
 
 log = structlog.get_logger()
 
 STOP_DEADLINE = 10.0  # seconds for in-flight sessions and deliveries after SIGTERM
 STATUS_FILE = "status.json"
+HOUSEKEEPING = 2.0  # seconds between gauge/status refreshes (shorter with a faster watchdog)
+LOOP_STALL = 10.0  # /healthz fails when the event loop has not ticked for this long
 
 
 @dataclass
@@ -48,6 +51,8 @@ class Daemon:
         self.notifier = Notifier(self.environ)
         self.relay = Relay(self.spool, self.cfg, self._connect)
         self.endpoint: metrics.Endpoint | None = None
+        self.heartbeat = time.monotonic()
+        self.failed_count = 0
 
     def _connect(self) -> Deliverer:
         if self.dev:
@@ -89,10 +94,10 @@ class Daemon:
             log.info("server.stopping", queued=len(self.relay.due))
             await listener.stop(STOP_DEADLINE)
         if self.endpoint is not None:
-            self.endpoint.stop()
+            await asyncio.to_thread(self.endpoint.stop)
         if self.signals:
             self._remove_signals()
-        await asyncio.to_thread(self._write_status)
+        await asyncio.to_thread(self._write_status, self._status())
         self.spool.unlock()
         log.info("server.stopped", queued=len(self.relay.due))
         return 0
@@ -122,7 +127,24 @@ class Daemon:
         if not self.cfg.metrics.listen:
             return
         host, port = config_mod.parse_hostport("metrics.listen", self.cfg.metrics.listen)
-        self.endpoint = metrics.Endpoint(host, port, lambda: self.ready, lambda: None)
+        loop = asyncio.get_running_loop()
+
+        def alive() -> bool:
+            return time.monotonic() - self.heartbeat < LOOP_STALL
+
+        def refresh() -> None:
+            # Called on the HTTP thread: the relay's state is read on the loop, not here.
+            # A loop that is stuck or gone leaves the last values in place.
+            coro = self._update_gauges()
+            try:
+                future = asyncio.run_coroutine_threadsafe(coro, loop)
+            except RuntimeError:  # the loop is closed: the daemon is stopping
+                coro.close()
+                return
+            with contextlib.suppress(TimeoutError, concurrent.futures.CancelledError):
+                future.result(timeout=LOOP_STALL / 2)
+
+        self.endpoint = metrics.Endpoint(host, port, lambda: self.ready, alive, refresh)
         self.endpoint.start()
         log.info("metrics.started", host=self.endpoint.address[0], port=self.endpoint.address[1])
 
@@ -152,7 +174,9 @@ class Daemon:
         """SIGHUP: re-read the config; keep the old one if the new one is bad."""
         self.notifier.send("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
         try:
-            new = config_mod.load(self.config_path, os.environ)
+            new = config_mod.load(self.config_path, self.environ)
+            if not self.dev and not new.upstream.host:
+                raise ConfigError("upstream.host", "required")
         except ConfigError as exc:
             log.error("config.reload_failed", error=str(exc), detail="keeping the running config")
             self.notifier.send("READY=1")
@@ -161,38 +185,54 @@ class Daemon:
         if new.listen != self.cfg.listen or new.spool != self.cfg.spool:
             log.warning("config.restart_needed", detail="listen and spool changes need a restart")
         logs.setup(new.log.format, new.log.level)
+        if new.upstream.max_connections != self.relay.cfg.upstream.max_connections:
+            log.warning("config.restart_needed", detail="upstream.max_connections needs a restart")
         self.relay.cfg = Config(
             self.cfg.listen, self.cfg.spool, new.upstream, new.retry, new.log, self.cfg.metrics
         )
+        self.relay.retire_sessions()  # the next delivery logs in with the new credentials
         log.info("config.reloaded", upstream=f"{new.upstream.host}:{new.upstream.port}")
         self.notifier.send("READY=1", "STATUS=config reloaded")
 
     async def _housekeeping(self) -> None:
-        interval = self.notifier.watchdog_interval or 2.0
+        """Watchdog ping, gauges, STATUS= and status.json; proves the event loop is alive."""
+        interval = min(self.notifier.watchdog_interval or HOUSEKEEPING, HOUSEKEEPING)
         while not self.stop.is_set():
+            self.heartbeat = time.monotonic()
             if self.notifier.watchdog_interval:
                 self.notifier.send("WATCHDOG=1")
+            await self._update_gauges()
             depth = len(self.relay.due)
-            metrics.QUEUE_DEPTH.labels(state=QUEUE).set(depth)
-            metrics.OLDEST_AGE.set(self.relay.oldest_age())
             self.notifier.send(f"STATUS={depth} queued, {len(self.relay.inflight)} in flight")
-            await asyncio.to_thread(self._write_status)
+            await asyncio.to_thread(self._write_status, self._status())
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(min(interval, 2.0)):
+                async with asyncio.timeout(interval):
                     await self.stop.wait()
 
-    def _write_status(self) -> None:
-        """A small status file for `relayd health` (best effort, not fsynced: it is advisory)."""
+    async def _update_gauges(self) -> None:
+        """Set the queue gauges from the relay's index (on the loop: it is not thread-safe)."""
+        metrics.QUEUE_DEPTH.labels(state=QUEUE).set(len(self.relay.due))
+        metrics.OLDEST_AGE.set(self.relay.oldest_age())
+        self.failed_count = await asyncio.to_thread(_count, self.spool.root / FAILED)
+        metrics.QUEUE_DEPTH.labels(state=FAILED).set(self.failed_count)
+
+    def _status(self) -> dict[str, Any]:
+        """What `relayd health` reads: built on the loop, written by a thread."""
         relay = self.relay
-        doc: dict[str, Any] = {
+        return {
             "pid": os.getpid(),
             "updated_at": time.time(),
+            "ready": self.ready,
             "queued": len(relay.due),
+            "failed": self.failed_count,
             "oldest_age": relay.oldest_age(),
             "consecutive_failures": relay.consecutive_failures,
             "last_error": relay.last_error,
             "last_delivery_at": relay.last_delivery_at,
         }
+
+    def _write_status(self, doc: dict[str, Any]) -> None:
+        """A small status file for `relayd health` (best effort, not fsynced: it is advisory)."""
         path = Path(self.spool.root) / STATUS_FILE
         tmp = path.with_suffix(".tmp")
         with contextlib.suppress(OSError):
@@ -200,6 +240,14 @@ class Daemon:
             with os.fdopen(fd, "w") as fh:
                 fh.write(json.dumps(doc))
             tmp.replace(path)
+
+
+def _count(directory: Path) -> int:
+    """Messages in a state directory (one .json each); 0 when it cannot be listed."""
+    try:
+        return sum(1 for name in os.listdir(directory) if name.endswith(".json"))
+    except OSError:
+        return 0
 
 
 _background: set[asyncio.Task[Any]] = set()

@@ -73,6 +73,9 @@ class Relay:
         self.consecutive_failures = 0
         self.last_error: dict[str, Any] | None = None
         self.last_delivery_at: float | None = None
+        # Bumped by retire_sessions(): a worker's session opened before the bump is closed
+        # before its next message, so that message goes out under the reloaded upstream config.
+        self.generation = 0
 
     # -- index -----------------------------------------------------------------------------
 
@@ -106,6 +109,10 @@ class Relay:
         self.heap = [(now, i) for i in sorted(self.due) if i not in self.inflight]
         heapq.heapify(self.heap)
         self.wake.set()
+
+    def retire_sessions(self) -> None:
+        """Sessions open now carry no further message; the next one connects afresh (SIGHUP)."""
+        self.generation += 1
 
     def oldest_age(self) -> float:
         return self.clock() - min(self.created.values()) if self.created else 0.0
@@ -149,6 +156,7 @@ class Relay:
 
     async def _worker(self, n: int) -> None:
         session: Deliverer | None = None
+        generation = self.generation
         try:
             while True:
                 try:
@@ -160,6 +168,11 @@ class Relay:
                     continue
                 if not msg_id:
                     return
+                if session is not None and generation != self.generation:
+                    await _close(session)  # opened under the config before a reload
+                    session = None
+                if session is None:
+                    generation = self.generation
                 try:
                     session = await self._attempt(msg_id, session)
                 except Exception:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+import socketserver
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -15,6 +17,8 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+
+from relayd.errors import RelaydError
 
 ACCEPTED = Counter("relayd_messages_accepted", "Messages accepted and spooled (250 sent).")
 DELIVERED = Counter("relayd_messages_delivered", "Recipients the upstream accepted with 250.")
@@ -34,12 +38,40 @@ DELIVERY_SECONDS = Histogram(
 QUEUE_DEPTH = Gauge("relayd_queue_depth", "Messages in the spool by state.", ["state"])
 OLDEST_AGE = Gauge("relayd_queue_oldest_age_seconds", "Age of the oldest queued message.")
 
+# Series that exist from the start, so a dashboard sees 0 rather than no data.
+for _state in ("queue", "failed"):
+    QUEUE_DEPTH.labels(state=_state)
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def server_bind(self) -> None:
+        # HTTPServer.server_bind resolves socket.getfqdn(host), which can block on DNS for
+        # seconds; the name is never used, so bind without it.
+        socketserver.TCPServer.server_bind(self)
+        host, port = self.server_address[:2]
+        self.server_name, self.server_port = str(host), int(port)
+
+
+class _Server6(_Server):
+    address_family = socket.AF_INET6
+
 
 class Endpoint:
-    """A small threaded HTTP server for /metrics, /healthz and /readyz."""
+    """A small threaded HTTP server for /metrics, /healthz and /readyz.
+
+    /healthz answers 200 while the daemon's event loop is alive (alive()), /readyz while it
+    accepts mail (ready()); /metrics calls refresh() first so the gauges are current.
+    """
 
     def __init__(
-        self, host: str, port: int, ready: Callable[[], bool], refresh: Callable[[], None]
+        self,
+        host: str,
+        port: int,
+        ready: Callable[[], bool],
+        alive: Callable[[], bool],
+        refresh: Callable[[], None],
     ) -> None:
         endpoint = self
 
@@ -50,17 +82,21 @@ class Endpoint:
             def log_message(self, format: str, *args: Any) -> None:
                 return None
 
-        self.ready = ready
-        self.refresh = refresh
-        self.httpd = ThreadingHTTPServer((host, port), _Handler)
-        self.httpd.daemon_threads = True
-        self.address = self.httpd.server_address[:2]
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.ready, self.alive, self.refresh = ready, alive, refresh
+        try:
+            self.httpd = (_Server6 if ":" in host else _Server)((host, port), _Handler)
+        except OSError as exc:
+            raise RelaydError(
+                f"metrics.listen: cannot listen on {host}:{port}: {exc.strerror}"
+            ) from None
+        self.address: tuple[str, int] = (str(self.httpd.server_address[0]), self.httpd.server_port)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, name="metrics", daemon=True)
 
     def start(self) -> None:
         self.thread.start()
 
     def stop(self) -> None:
+        """Stop serving and close the socket (blocks up to serve_forever's 0.5 s poll)."""
         self.httpd.shutdown()
         self.httpd.server_close()
 
@@ -69,17 +105,13 @@ class Endpoint:
         if path == "/metrics":
             self.refresh()
             body, ctype, status = generate_latest(REGISTRY), CONTENT_TYPE_LATEST, 200
-        elif path == "/healthz":
-            body, ctype, status = b"ok\n", "text/plain", 200
-        elif path == "/readyz":
-            ok = self.ready()
-            body, ctype, status = (
-                (b"ready\n" if ok else b"not ready\n"),
-                "text/plain",
-                (200 if ok else 503),
-            )
+        elif path in ("/healthz", "/readyz"):
+            ok = self.alive() if path == "/healthz" else self.ready()
+            word = "ok" if path == "/healthz" else "ready"
+            body = f"{word}\n".encode() if ok else f"not {word}\n".encode()
+            ctype, status = "text/plain; charset=utf-8", 200 if ok else 503
         else:
-            body, ctype, status = b"not found\n", "text/plain", 404
+            body, ctype, status = b"not found\n", "text/plain; charset=utf-8", 404
         req.send_response(status)
         req.send_header("Content-Type", ctype)
         req.send_header("Content-Length", str(len(body)))

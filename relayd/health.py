@@ -1,15 +1,134 @@
-"""`relayd health`: is the daemon up and its spool writable? (filled in by the ops work)."""
+"""`relayd health`: is the daemon up, its event loop turning and its spool writable?
+
+Prints one line and exits 0 (healthy) or 1. The daemon proves it is up by holding the spool
+lock, and that its loop turns by rewriting <spool>/status.json every few seconds; this command
+proves the spool takes writes by creating and removing a file in tmp/. Upstream trouble (a
+run of failed attempts, an old queue) is reported, and fails the check only with --strict:
+a provider outage is what the spool is for, so by default it must not get relayd restarted.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
+import os
+import time
+from pathlib import Path
 from typing import Any
+
+from relayd.spool import TMP, Spool
+
+STATUS_FILE = "status.json"  # written by app.Daemon
+STALE_AFTER = 30.0  # seconds without a status update before the daemon counts as stuck
 
 
 def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser("health", parents=[common], help="exit 0 when the daemon is healthy")
+    p = sub.add_parser(
+        "health",
+        parents=[common],
+        help="exit 0 when the daemon is up and its spool writable (one line)",
+    )
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="also fail on upstream trouble (see --max-failures, --max-age)",
+    )
+    p.add_argument(
+        "--max-failures",
+        type=int,
+        default=3,
+        metavar="N",
+        help="with --strict: failed upstream attempts in a row tolerated (default 3)",
+    )
+    p.add_argument(
+        "--max-age",
+        type=float,
+        default=3600.0,
+        metavar="SECONDS",
+        help="with --strict: age of the oldest queued message tolerated (default 3600)",
+    )
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    return 1
+    from relayd.cli import load_config
+
+    cfg = load_config(args)
+    ok, line = check(Path(cfg.spool.path), args.strict, args.max_failures, args.max_age)
+    print(f"relayd: {line}")
+    return 0 if ok else 1
+
+
+def check(
+    root: Path, strict: bool = False, max_failures: int = 3, max_age: float = 3600.0
+) -> tuple[bool, str]:
+    """(healthy, one line saying why) for the daemon serving the spool at root."""
+    pid = Spool(root).daemon_pid()
+    if pid is None:
+        return False, f"down: no relayd holds the lock of {root}"
+    status, problem = _read_status(root, pid)
+    if problem:
+        return False, f"unhealthy: pid {pid} {problem}"
+    probe = _probe_write(root)
+    if probe:
+        return False, f"unhealthy: spool {root} not writable: {probe}"
+    failures = int(status.get("consecutive_failures") or 0)
+    oldest = float(status.get("oldest_age") or 0.0)
+    trouble = failures >= max_failures or oldest > max_age
+    summary = _summary(pid, status, failures, oldest)
+    if strict and trouble:
+        return False, f"upstream trouble: {summary}"
+    return True, f"{'healthy (upstream trouble)' if trouble else 'healthy'}: {summary}"
+
+
+def _read_status(root: Path, pid: int) -> tuple[dict[str, Any], str]:
+    try:
+        doc = json.loads((root / STATUS_FILE).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}, "has written no status yet (starting?)"
+    except OSError as exc:
+        return {}, f"status unreadable: {exc.strerror}"
+    except ValueError:
+        return {}, "status unreadable: not JSON"
+    if not isinstance(doc, dict) or doc.get("pid") != pid:
+        return {}, "has written no status yet (starting?)"
+    age = time.time() - float(doc.get("updated_at") or 0.0)
+    if age > STALE_AFTER:
+        return doc, f"has not updated its status for {age:.0f}s (event loop stuck?)"
+    return doc, ""
+
+
+def _probe_write(root: Path) -> str:
+    """'' when a file can be created, written and removed in tmp/; else the reason."""
+    path = root / TMP / f"health.{os.getpid()}.probe"
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, b"relayd health\n")
+        finally:
+            os.close(fd)
+        path.unlink()
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            path.unlink()
+        return exc.strerror or str(exc)
+    return ""
+
+
+def _summary(pid: int, status: dict[str, Any], failures: int, oldest: float) -> str:
+    parts = [f"pid {pid}", f"{int(status.get('queued') or 0)} queued"]
+    if oldest:
+        parts[-1] += f" (oldest {oldest:.0f}s)"
+    parts.append(f"{int(status.get('failed') or 0)} failed")
+    error = status.get("last_error")
+    if failures and isinstance(error, dict):
+        code = f"{error.get('code')} " if error.get("code") else ""
+        text = " ".join(str(error.get("text") or "").split())[:200]  # replies can be multi-line
+        parts.append(
+            f"{failures} failed attempts in a row, last at {error.get('step')}: {code}{text}"
+        )
+    elif status.get("last_delivery_at"):
+        ago = time.time() - float(status["last_delivery_at"])
+        parts.append(f"last delivery {ago:.0f}s ago")
+    return ", ".join(parts)

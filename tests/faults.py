@@ -83,6 +83,8 @@ class FaultServer:
         self.commands: list[str] = []
         self.sessions = 0
         self.tls_sessions = 0
+        self.active = 0  # connections currently open
+        self.open_txns: set[int] = set()  # transactions between MAIL and the reply to DATA
         self.port = 0
         self._listener: socket.socket | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -149,7 +151,9 @@ class FaultServer:
 
     async def _session(self, sock: socket.socket) -> None:
         self.sessions += 1
+        self.active += 1
         writer: asyncio.StreamWriter | None = None
+        txn = _Txn(delay=0.0)
         try:
             if self._fire("close_on_connect"):
                 return
@@ -168,17 +172,21 @@ class FaultServer:
                 ctx = self.unknown_ca_ctx
             reader, writer = await _tls(sock, ctx)
             self.tls_sessions += 1
-            await self._dialogue(reader, writer)
+            await self._dialogue(reader, writer, txn)
         except (OSError, ssl.SSLError, EOFError, asyncio.IncompleteReadError):
             pass
         finally:
+            self.active -= 1
+            self.open_txns.discard(id(txn))
             if writer is not None:
                 writer.transport.abort()
             else:
                 sock.close()
 
-    async def _dialogue(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        txn = _Txn(delay=self.slow_delay if self._fire("slow") else 0.0)
+    async def _dialogue(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, txn: _Txn
+    ) -> None:
+        txn.delay = self.slow_delay if self._fire("slow") else 0.0
         if self._fire("banner_hang"):
             await reader.read()
             return
@@ -229,6 +237,7 @@ class FaultServer:
 
     async def _cmd_mail(self, r: Any, w: asyncio.StreamWriter, txn: _Txn, arg: str) -> bool:
         txn.mail_from, txn.rcpt_tos = _address(arg), []
+        self.open_txns.add(id(txn))
         await _reply(w, txn, "250 2.1.0 Ok")
         return True
 
@@ -269,10 +278,12 @@ class FaultServer:
             self.messages.append(Got(txn.mail_from, list(txn.rcpt_tos), body, wire, txn.login))
             await _reply(w, txn, "250 2.0.0 Ok: queued")
         txn.mail_from, txn.rcpt_tos = "", []
+        self.open_txns.discard(id(txn))
         return True
 
     async def _cmd_rset(self, r: Any, w: asyncio.StreamWriter, txn: _Txn, arg: str) -> bool:
         txn.mail_from, txn.rcpt_tos = "", []
+        self.open_txns.discard(id(txn))
         await _reply(w, txn, "250 2.0.0 Ok")
         return True
 

@@ -35,6 +35,7 @@ R_TOO_BIG = "552 5.3.4 Message size exceeds fixed maximum message size"
 R_SHUTTING_DOWN = "421 4.3.2 Service shutting down, try again later"
 
 _HEADER_END = re.compile(rb"\r?\n\r?\n")
+LINE_LIMIT = 65_536  # bytes per line of DATA, CRLF included
 
 
 def add_missing_headers(data: bytes, msg_id: str, hostname: str, now: float) -> bytes:
@@ -226,6 +227,11 @@ class Listener:
 
 class _Session(SMTP):
     registry: set[SMTP]
+    # aiosmtpd answers "500 Line too long" past RFC 5321's 1,000 octets (§4.5.3.1.6), but
+    # apps emit minified HTML and long base64-less lines; Postfix accepts them, and so does
+    # relayd, byte for byte, up to 64 KiB a line (which also caps a session's read buffer).
+    # Command lines stay limited by aiosmtpd's command_size_limit.
+    line_length_limit = LINE_LIMIT
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.registry.add(self)

@@ -132,6 +132,7 @@ class Spool:
         self._renamed: dict[str, int] = {}
         self._synced: dict[str, int] = {}
         self._lock_fd: int | None = None
+        self._held = threading.local()
 
     # -- layout ---------------------------------------------------------------------------
 
@@ -182,6 +183,33 @@ class Spool:
                 return int(text) if text.isdigit() else None
             fcntl.flock(fd, fcntl.LOCK_UN)
             return None
+        finally:
+            os.close(fd)
+
+    @contextlib.contextmanager
+    def editing(self, exclusive: bool = False) -> Iterator[None]:
+        """Hold the spool's edit lock: shared for the daemon's writes, exclusive for the CLI.
+
+        The daemon's own writes never conflict with each other (it works on an id in one
+        place at a time), so they share the lock. An operator command takes it exclusively
+        around its read-modify-write, so it never rewrites an envelope from a stale read and
+        never sees a half-done move. Re-entrant within a thread.
+        """
+        if getattr(self._held, "depth", 0):
+            self._held.depth += 1
+            try:
+                yield
+            finally:
+                self._held.depth -= 1
+            return
+        fd = os.open(self.root / "edit.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            self._held.depth = 1
+            try:
+                yield
+            finally:
+                self._held.depth = 0
         finally:
             os.close(fd)
 
@@ -275,19 +303,23 @@ class Spool:
 
     def save(self, env: Envelope) -> None:
         """Durably replace the envelope of a queued message (SpoolError if it was deleted)."""
-        if not self.path(env.state, env.id, "eml").exists():
-            raise SpoolError(f"no such message: {env.id}")
         tmp = self._write_tmp(_dumps(env))
-        self._place(tmp, self.path(env.state, env.id, "json"))
+        with self.editing():
+            if not self.path(env.state, env.id, "eml").exists():
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+                raise SpoolError(f"no such message: {env.id}")
+            self._place(tmp, self.path(env.state, env.id, "json"))
         self._sync_dir(env.state)
 
     def remove(self, msg_id: str, state: str = QUEUE) -> bool:
         """Delete a message (json first: without it the pair is no longer a message)."""
         found = False
-        for ext in ("json", "eml"):
-            with contextlib.suppress(FileNotFoundError):
-                self.path(state, msg_id, ext).unlink()
-                found = True
+        with self.editing():
+            for ext in ("json", "eml"):
+                with contextlib.suppress(FileNotFoundError):
+                    self.path(state, msg_id, ext).unlink()
+                    found = True
         self._renamed_into(state)
         self._sync_dir(state)
         return found
@@ -301,15 +333,42 @@ class Spool:
         """
         moved = dataclasses.replace(env, state=to)
         tmp = self._write_tmp(_dumps(moved))
-        self._place(tmp, self.path(to, env.id, "json"))
-        os.rename(self.path(env.state, env.id, "eml"), self.path(to, env.id, "eml"))
-        self._renamed_into(to)
-        self._sync_dir(to)
-        with contextlib.suppress(FileNotFoundError):
-            self.path(env.state, env.id, "json").unlink()
-        self._renamed_into(env.state)
-        self._sync_dir(env.state)
+        with self.editing():
+            self._place(tmp, self.path(to, env.id, "json"))
+            os.rename(self.path(env.state, env.id, "eml"), self.path(to, env.id, "eml"))
+            self._renamed_into(to)
+            self._sync_dir(to)
+            with contextlib.suppress(FileNotFoundError):
+                self.path(env.state, env.id, "json").unlink()
+            self._renamed_into(env.state)
+            self._sync_dir(env.state)
         return moved
+
+    def retry(self, msg_id: str, now: float, max_age: float) -> Envelope:
+        """Make a queued or failed message due now, durably; failed ones move back to queue/.
+
+        Refused recipients become pending again; delivered ones stay delivered. A failed
+        message older than max_age starts a fresh max_age (else it would expire at once).
+        """
+        with self.editing(exclusive=True):
+            env = self.find(msg_id)
+            if env.state == QUEUE:
+                env = dataclasses.replace(env, next_attempt_at=now)
+                self.save(env)
+                return env
+            rcpts = tuple(Recipient(r.address) if r.state == REFUSED else r for r in env.rcpt_to)
+            created = now if now - env.created_at > max_age else env.created_at
+            env = dataclasses.replace(
+                env, rcpt_to=rcpts, next_attempt_at=now, reason="", created_at=created
+            )
+            return self.move(env, QUEUE)
+
+    def delete(self, msg_id: str) -> Envelope:
+        """Remove a queued or failed message for good (SpoolError if there is none)."""
+        with self.editing(exclusive=True):
+            env = self.find(msg_id)
+            self.remove(env.id, env.state)
+            return env
 
     # -- reads -------------------------------------------------------------------------------
 
@@ -343,6 +402,14 @@ class Spool:
         With repair (only the daemon, at start-up, holding the lock), orphans and corrupt
         files are moved to corrupt/ with a log line instead of being skipped.
         """
+        if repair:
+            # Repairs decide from a listing; the lock keeps a CLI's move out of that listing.
+            with self.editing():
+                yield from self._scan(state, repair)
+        else:
+            yield from self._scan(state, repair)
+
+    def _scan(self, state: str, repair: bool) -> Iterator[Envelope]:
         directory = self.root / state
         try:
             names = sorted(os.listdir(directory))

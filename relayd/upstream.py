@@ -86,6 +86,11 @@ def tls_hint(cfg: Upstream, exc: BaseException) -> str:
             return f"port {cfg.port} speaks plain SMTP first: use port 465 or tls: starttls"
         if cfg.tls == "implicit":
             return "reset during the TLS handshake: is this port really implicit TLS (465)?"
+        if cfg.tls == "starttls":
+            return (
+                "reset during the STARTTLS handshake (often a firewall or middlebox on "
+                f"port {cfg.port}): try tls: implicit on port 465"
+            )
     return "TLS handshake failed: check upstream.port and upstream.tls"
 
 
@@ -112,7 +117,7 @@ class Session:
     async def open(self) -> None:
         """Connect, handshake, EHLO and AUTH; raise UpstreamError naming the failed step."""
         cfg = self.cfg
-        sock = await self._step("dns+connect", self._connect_tcp())
+        sock = await self._connect_tcp()
         ctx = tls_context(cfg) if cfg.tls != "none" else None
         smtp = aiosmtplib.SMTP(
             hostname=cfg.host,  # with sock=, only used for SNI and certificate checks
@@ -126,11 +131,18 @@ class Session:
         self.smtp = smtp
         try:
             await self._step("tls" if cfg.tls == "implicit" else "banner", self._handshake(smtp))
+            if cfg.tls == "implicit":
+                self.timings[-1].detail.update(tls_details(smtp))
             await self._ehlo(smtp)
             if cfg.tls == "starttls":
                 await self._starttls(smtp, ctx)
             if cfg.username:
-                await self._step("auth", self._login(smtp))
+                reply = await self._step("auth", self._login(smtp))
+                self.timings[-1].detail.update(
+                    mechanism=(smtp.supported_auth_methods or ["?"])[0].upper(),
+                    offered=" ".join(smtp.server_auth_methods).upper(),
+                    reply=f"{reply.code} {reply.message}",
+                )
         except BaseException:
             smtp.close()
             self.smtp = None
@@ -139,6 +151,7 @@ class Session:
     async def _connect_tcp(self) -> socket.socket:
         cfg = self.cfg
         loop = asyncio.get_running_loop()
+        start = time.monotonic()
         try:
             async with asyncio.timeout(cfg.timeout):
                 infos = await loop.getaddrinfo(cfg.host, cfg.port, type=socket.SOCK_STREAM)
@@ -149,6 +162,9 @@ class Session:
                 temporary=True,
                 hint="check upstream.host and DNS",
             ) from exc
+        addrs = [str(info[4][0]) for info in infos]
+        self.timings.append(StepTiming("dns", time.monotonic() - start, {"addresses": addrs}))
+        start = time.monotonic()
         last: BaseException | None = None
         for family, type_, proto, _, addr in infos:
             sock = socket.socket(family, type_, proto)
@@ -157,6 +173,8 @@ class Session:
             try:
                 async with asyncio.timeout(cfg.timeout):
                     await loop.sock_connect(sock, addr)
+                detail = {"address": f"{addr[0]!s}:{addr[1]!s}"}
+                self.timings.append(StepTiming("connect", time.monotonic() - start, detail))
                 return sock
             except (OSError, TimeoutError) as exc:
                 sock.close()
@@ -225,6 +243,7 @@ class Session:
             )
         try:
             await self._step("tls", smtp.starttls(tls_context=ctx, server_hostname=self.cfg.host))
+            self.timings[-1].detail.update(tls_details(smtp))
         except aiosmtplib.SMTPResponseException as exc:
             raise UpstreamError(
                 f"STARTTLS refused: {exc.code} {exc.message}",
@@ -243,10 +262,10 @@ class Session:
             ) from exc
         await self._ehlo(smtp)
 
-    async def _login(self, smtp: aiosmtplib.SMTP) -> None:
+    async def _login(self, smtp: aiosmtplib.SMTP) -> aiosmtplib.SMTPResponse:
         cfg = self.cfg
         try:
-            await smtp.login(cfg.username, cfg.password)
+            return await smtp.login(cfg.username, cfg.password)
         except aiosmtplib.SMTPAuthenticationError as exc:
             # Postfix soft-bounces SASL failures: the mail waits, an operator fixes the login.
             raise UpstreamError(
@@ -361,6 +380,27 @@ class Session:
             pass
         finally:
             smtp.close()
+
+
+def tls_details(smtp: aiosmtplib.SMTP) -> dict[str, Any]:
+    """Protocol, cipher and the peer certificate's subject and expiry, for `relayd check`."""
+    obj = smtp.get_transport_info("ssl_object")
+    if not isinstance(obj, ssl.SSLObject | ssl.SSLSocket):
+        return {}
+    cert: dict[str, Any] = dict(obj.getpeercert() or {})
+    subject = ", ".join(
+        f"{k}={v}" for rdn in cert.get("subject", ()) for k, v in rdn if k == "commonName"
+    )
+    names = [v for kind, v in cert.get("subjectAltName", ()) if kind in ("DNS", "IP Address")]
+    expires = cert.get("notAfter")
+    return {
+        "protocol": obj.version(),
+        "cipher": (obj.cipher() or ("?",))[0],
+        "subject": subject or ", ".join(names),
+        "names": names,
+        "expires_at": ssl.cert_time_to_seconds(str(expires)) if expires else None,
+        "verified": obj.context.verify_mode == ssl.CERT_REQUIRED,
+    }
 
 
 def _describe(exc: BaseException) -> str:

@@ -49,10 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"no provider: write messages to <spool>/outbox/ (spool ./{DEV_SPOOL} by default)",
     )
     serve.set_defaults(func=cmd_serve)
-    from relayd import commands, health
+    from relayd import auth, commands, health
 
     commands.add_parsers(sub, common)
     health.add_parser(sub, common)
+    auth.add_parser(sub, common)
     return parser
 
 

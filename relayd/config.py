@@ -31,6 +31,8 @@ class Listen:
     timeout: float = 60.0  # idle seconds before a client session is closed
     # Networks allowed to submit besides loopback; required when host is not loopback.
     allowed_networks: tuple[str, ...] = ()
+    # name:scrypt$… lines (relayd passwd); when set, other peers may submit after AUTH.
+    users_file: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,9 +234,17 @@ def validate(cfg: Config) -> None:
             raise ConfigError("listen.allowed_networks", f"not a network: {cidr!r}") from None
     if not is_loopback(ls.host):
         _check(
-            bool(ls.allowed_networks),
+            bool(ls.allowed_networks or ls.users_file),
             "listen.allowed_networks",
             f"required when listen.host ({ls.host}) is not loopback: list who may submit",
+        )
+    if ls.users_file:
+        _check(Path(ls.users_file).is_file(), "listen.users_file", f"no such file: {ls.users_file}")
+        # The listener has no TLS: AUTH would cross the wire readable to anyone on the path.
+        _check(
+            not is_public(ls.host),
+            "listen.users_file",
+            f"AUTH is plaintext here; bind {ls.host} only on loopback or a private network",
         )
     _check(bool(cfg.spool.path), "spool.path", "must not be empty")
     _check(0 <= cfg.spool.commit_window <= 1, "spool.commit_window", "must be 0..1 seconds")
@@ -272,5 +282,13 @@ def is_loopback(host: str) -> bool:
         return True
     try:
         return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def is_public(host: str) -> bool:
+    """A literal address routable on the internet (0.0.0.0 and names are not judged here)."""
+    try:
+        return ipaddress.ip_address(host).is_global
     except ValueError:
         return False

@@ -16,9 +16,9 @@ from collections.abc import Callable
 from typing import Any
 
 import structlog
-from aiosmtpd.smtp import SMTP, Envelope, Session
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
-from relayd import metrics
+from relayd import auth, metrics
 from relayd.config import Listen, is_loopback
 from relayd.errors import SpoolError
 from relayd.spool import Envelope as Queued
@@ -31,6 +31,7 @@ R_SPOOL_FAILED = "451 4.3.0 Requested action aborted: local error in processing"
 R_DISK_FULL = "452 4.3.1 Insufficient system storage"
 R_TOO_MANY_RCPTS = "452 4.5.3 Too many recipients"
 R_RELAY_DENIED = "550 5.7.1 Relaying denied: {ip} may not submit here"
+R_AUTH_REQUIRED = "530 5.7.0 Authentication required"
 R_TOO_BIG = "552 5.3.4 Message size exceeds fixed maximum message size"
 R_SHUTTING_DOWN = "421 4.3.2 Service shutting down, try again later"
 
@@ -71,6 +72,7 @@ class Handler:
         self.clock = clock
         self.networks = [ipaddress.ip_network(n, strict=False) for n in cfg.allowed_networks]
         self.inflight: set[asyncio.Future[str]] = set()
+        self.users = auth.load_users(cfg.users_file) if cfg.users_file else None
 
     def allowed(self, peer: Any) -> bool:
         if not isinstance(peer, tuple) or not peer:
@@ -104,14 +106,29 @@ class Handler:
         address: str,
         mail_options: list[str],
     ) -> str:
-        if not self.allowed(session.peer):
+        if not self.allowed(session.peer) and not session.authenticated:
             ip = _peer(session).rsplit(":", 1)[0]
-            log.warning("client.refused", peer=ip, command="MAIL")
+            log.warning("client.refused", peer=ip, command="MAIL", auth_offered=bool(self.users))
             metrics.REJECTED.labels(reason="access").inc()
-            return R_RELAY_DENIED.format(ip=ip)
+            return R_AUTH_REQUIRED if self.users else R_RELAY_DENIED.format(ip=ip)
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 2.1.0 Ok"
+
+    def authenticate(
+        self, server: SMTP, session: Session, envelope: Envelope, mechanism: str, data: Any
+    ) -> AuthResult:
+        """aiosmtpd's authenticator: PLAIN/LOGIN against the users file; never logs secrets."""
+        if self.users is None or not isinstance(data, LoginPassword):
+            return AuthResult(success=False, handled=False)
+        name = data.login.decode("utf-8", "replace")
+        ip = _peer(session).rsplit(":", 1)[0]
+        if self.users.verify(name, data.password.decode("utf-8", "surrogateescape")):
+            log.info("client.authenticated", peer=ip, user=name, mechanism=mechanism)
+            return AuthResult(success=True, auth_data=name)
+        log.warning("client.auth_failed", peer=ip, user=name, mechanism=mechanism)
+        metrics.REJECTED.labels(reason="auth").inc()
+        return AuthResult(success=False, handled=False)
 
     async def handle_RCPT(
         self,
@@ -196,6 +213,9 @@ class Listener:
             enable_SMTPUTF8=True,
             decode_data=False,
             timeout=self.cfg.timeout,
+            # Offered only with a users file; plaintext by design (see config.validate).
+            authenticator=self.handler.authenticate if self.handler.users else None,
+            auth_require_tls=not self.handler.users,
         )
         proto.registry = self.sessions
         return proto

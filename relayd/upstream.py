@@ -91,6 +91,11 @@ def tls_hint(cfg: Upstream, exc: BaseException) -> str:
                 "reset during the STARTTLS handshake (often a firewall or middlebox on "
                 f"port {cfg.port}): try tls: implicit on port 465"
             )
+    if isinstance(exc, TimeoutError):
+        return (
+            "no TLS answer in time: a firewall or middlebox, or a port that speaks plain SMTP "
+            "first (587/25 want tls: starttls)"
+        )
     return "TLS handshake failed: check upstream.port and upstream.tls"
 
 
@@ -406,5 +411,7 @@ def tls_details(smtp: aiosmtplib.SMTP) -> dict[str, Any]:
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, ssl.SSLCertVerificationError):
         return f"certificate verify failed: {exc.verify_message}"
+    if isinstance(exc, TimeoutError):
+        return "timed out"
     text = str(exc) or type(exc).__name__
     return f"{type(exc).__name__}: {text}" if isinstance(exc, OSError) else text

@@ -425,6 +425,8 @@ class Spool:
         for stem in sorted(stems):
             exts = stems[stem]
             if exts == {"json", "eml"}:
+                if repair:
+                    self._check_owner_and_mode(state, stem)
                 try:
                     yield self.load(stem, state)
                 except SpoolError as exc:
@@ -434,6 +436,20 @@ class Spool:
                 continue
             if repair:
                 self._repair_half(state, stem, exts)
+
+    def _check_owner_and_mode(self, state: str, stem: str) -> None:
+        """Report files another user owns and tighten modes wider than 0600 (mail is private)."""
+        for ext in ("eml", "json"):
+            path = self.path(state, stem, ext)
+            try:
+                st = path.stat()
+                if st.st_uid != os.geteuid():
+                    log.warning("spool.wrong_owner", path=str(path), uid=st.st_uid)
+                if st.st_mode & 0o077:
+                    os.chmod(path, 0o600)
+                    log.warning("spool.mode_fixed", path=str(path), was=oct(st.st_mode & 0o777))
+            except OSError as exc:
+                log.error("spool.unreadable", path=str(path), error=exc.strerror)
 
     def _repair_half(self, state: str, stem: str, exts: set[str]) -> None:
         other = FAILED if state == QUEUE else QUEUE

@@ -235,3 +235,21 @@ async def test_a_client_vanishing_mid_data_leaves_nothing_queued(cfg, upstream):
         await eventually(lambda: not queue_files(cfg), what="spool emptied")
     assert [m.data for m in upstream.messages] == [message("ok")]
     assert queue_files(cfg, "tmp") == []
+
+
+async def test_missing_message_id_and_date_are_added(cfg, upstream):
+    """A message without Message-ID and Date reaches the upstream with both (as Postfix adds)."""
+    bare = b"From: app@example.com\r\nTo: u@example.org\r\nSubject: bare\r\n\r\nhi\r\n"
+    async with running(cfg) as d:
+        await submit(d.address[1], "app@example.com", ["u@example.org"], bare)
+        await submit(d.address[1], "app@example.com", ["u@example.org"], message("full"))
+        await eventually(lambda: len(upstream.messages) == 2, what="both delivered")
+    by_subject = {
+        m.data.split(b"Subject: ")[1].split(b"\r\n")[0]: m.data for m in upstream.messages
+    }
+    added = by_subject[b"bare"]
+    assert added.endswith(bare)
+    head = added[: -len(bare)]
+    assert head.startswith(b"Date: ") and b"\r\nMessage-ID: <" in head
+    assert b"@" + cfg.listen.hostname.encode() + b">" in head
+    assert by_subject[b"full"] == message("full")

@@ -355,7 +355,11 @@ class Relay:
 
     async def _finish(self, env: Envelope, how: str, reason: str) -> None:
         env = dataclasses.replace(env, reason=reason)
-        await asyncio.to_thread(self.spool.move, env, "failed")
+        try:
+            await asyncio.to_thread(self.spool.move, env, "failed")
+        except SpoolError:
+            self.forget(env.id)  # deleted by an operator during the attempt
+            return
         self.forget(env.id)
         if how == "expired":
             metrics.FAILED.labels(reply_class="expired").inc()

@@ -334,6 +334,9 @@ class Spool:
         moved = dataclasses.replace(env, state=to)
         tmp = self._write_tmp(_dumps(moved))
         with self.editing():
+            if not self.path(env.state, env.id, "eml").exists():
+                tmp.unlink()  # deleted by an operator meanwhile: nothing left to move
+                raise SpoolError(f"no such message: {env.id}")
             self._place(tmp, self.path(to, env.id, "json"))
             os.rename(self.path(env.state, env.id, "eml"), self.path(to, env.id, "eml"))
             self._renamed_into(to)

@@ -110,3 +110,15 @@ def test_lock_refuses_a_second_daemon(tmp_path):
     assert b.daemon_pid() == os.getpid()
     a.unlock()
     assert b.daemon_pid() is None
+
+
+def test_move_of_a_deleted_message_leaves_nothing_behind(tmp_path):
+    """An operator deleted the message mid-attempt: move() raises, failed/ stays empty."""
+    spool = Spool(tmp_path / "s")
+    spool.create()
+    env = spool.put("a@x", ["b@y"], b"x\r\n", 1e9)
+    spool.remove(env.id)
+    with pytest.raises(SpoolError, match="no such message"):
+        spool.move(env, "failed")
+    assert list((tmp_path / "s" / "failed").iterdir()) == []
+    assert list((tmp_path / "s" / "tmp").iterdir()) == []

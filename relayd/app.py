@@ -184,14 +184,15 @@ class Daemon:
         register_secrets(new)
         if new.listen != self.cfg.listen or new.spool != self.cfg.spool:
             log.warning("config.restart_needed", detail="listen and spool changes need a restart")
-        logs.setup(new.log.format, new.log.level)
         if new.upstream.max_connections != self.relay.cfg.upstream.max_connections:
             log.warning("config.restart_needed", detail="upstream.max_connections needs a restart")
         self.relay.cfg = Config(
             self.cfg.listen, self.cfg.spool, new.upstream, new.retry, new.log, self.cfg.metrics
         )
         self.relay.retire_sessions()  # the next delivery logs in with the new credentials
+        # Logged under the level in force when the signal came, so the operator sees it.
         log.info("config.reloaded", upstream=f"{new.upstream.host}:{new.upstream.port}")
+        logs.setup(new.log.format, new.log.level)
         self.notifier.send("READY=1", "STATUS=config reloaded")
 
     async def _housekeeping(self) -> None:

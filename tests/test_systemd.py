@@ -111,7 +111,7 @@ async def test_sighup_is_announced_as_reloading_then_ready(tmp_path, pki):
             await eventually(lambda: m.count("READY=1") >= 2, what="READY=1 after reload")
             reloading = next(x for x in m.messages if "RELOADING=1" in x.splitlines())
             assert "MONOTONIC_USEC=" in reloading
-            assert proc.events("config.reloaded")
+            await eventually(lambda: proc.events("config.reloaded"), what="config.reloaded")
         finally:
             assert await proc.stop() == 0
 

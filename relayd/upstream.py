@@ -8,6 +8,8 @@ mail, rcpt, data). TLS is never opportunistic: ``implicit`` wraps the socket bef
 from __future__ import annotations
 
 import asyncio
+import functools
+import os
 import socket
 import ssl
 import time
@@ -15,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiosmtplib
+import aiosmtplib.protocol
 import structlog
 
 from relayd.config import Upstream
@@ -23,6 +26,38 @@ from relayd.errors import UpstreamError
 log = structlog.get_logger()
 
 DELIVERED, TEMPORARY, PERMANENT = "delivered", "temporary", "permanent"
+
+
+def _normalize_line_endings(message: bytes) -> bytes:
+    """aiosmtplib's line-ending normaliser, minus the copy when every line already ends CRLF.
+
+    A spooled message came in over SMTP, so it is CRLF throughout. The library's regex pass
+    built one object per line plus a full copy: ~6x the size of a 25 MiB message at peak and
+    ~1 ms of CPU per 100 KiB message. Anything else still goes through the library's own code.
+    """
+    crlf = message.count(b"\r\n")
+    if message.count(b"\n") == crlf == message.count(b"\r") and message.endswith(b"\r\n"):
+        return message
+    return _library_normalize(message)
+
+
+class _LineStartDots:
+    """Stands in for the library's ``(?m)^\\.`` dot-stuffing regex with the same output.
+
+    bytes.replace is a C loop with no per-line objects, and returns the message itself when no
+    line starts with a dot (RFC 5321 §4.5.2).
+    """
+
+    def sub(self, repl: bytes, message: bytes) -> bytes:
+        stuffed = message.replace(b"\n.", b"\n" + repl)
+        return b"." + stuffed if stuffed.startswith(b".") else stuffed
+
+
+_library_normalize = aiosmtplib.protocol.normalize_message_line_endings
+if hasattr(aiosmtplib.protocol, "PERIOD_REGEX"):
+    aiosmtplib.protocol.normalize_message_line_endings = _normalize_line_endings
+    # The library names the pattern a module constant; ours has the same .sub() contract.
+    aiosmtplib.protocol.PERIOD_REGEX = _LineStartDots()  # type: ignore[assignment]
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,11 +79,21 @@ class StepTiming:
 
 
 def tls_context(cfg: Upstream) -> ssl.SSLContext:
-    """System trust store plus ca_file; hostname checks on unless verify is false."""
+    """System trust store plus ca_file; hostname checks on unless verify is false.
+
+    Built once per (ca_file and its mtime, verify) and shared by every session: loading the
+    system store costs ~5 ms of CPU, which a burst paid again for every upstream session.
+    """
+    mtime = os.stat(cfg.ca_file).st_mtime_ns if cfg.ca_file else 0
+    return _tls_context(cfg.ca_file, mtime, cfg.verify)
+
+
+@functools.lru_cache(maxsize=4)
+def _tls_context(ca_file: str, mtime: int, verify: bool) -> ssl.SSLContext:
     ctx = ssl.create_default_context()
-    if cfg.ca_file:
-        ctx.load_verify_locations(cafile=cfg.ca_file)
-    if not cfg.verify:
+    if ca_file:
+        ctx.load_verify_locations(cafile=ca_file)
+    if not verify:
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
     return ctx
@@ -109,6 +154,10 @@ class Session:
         self.timings: list[StepTiming] = []
         self.sent = 0
         self.extensions: dict[str, str] = {}
+        # A transaction may be open (MAIL accepted, no final 250 yet): RSET before the next.
+        # After a 250 to the final dot the session is already clean (RFC 5321 §4.1.1.4), so
+        # a reused session skips RSET: one round trip of five per message.
+        self.dirty = False
 
     def __repr__(self) -> str:
         return f"<upstream.Session {self.cfg.host}:{self.cfg.port} tls={self.cfg.tls}>"
@@ -298,10 +347,12 @@ class Session:
             raise UpstreamError("session not open", step="connect", temporary=True)
         step = "mail"
         try:
-            if self.sent:
+            if self.dirty:
                 step = "rset"
                 await smtp.rset()
+                self.dirty = False
             step = "mail"
+            self.dirty = True
             mail = await smtp.execute_command(
                 b"MAIL",
                 b"FROM:<" + mail_from.encode() + b">",
@@ -319,6 +370,7 @@ class Session:
                 return refused
             step = "data"
             reply = await self._data(smtp, data)
+            self.dirty = reply.code != 250
             self.sent += 1
         except aiosmtplib.SMTPResponseException as exc:
             # 421 or similar mid-transaction: the server is closing; nobody got the message.

@@ -215,8 +215,10 @@ def prefill(spool_dir: Path, count: int, size: int) -> None:
             next_attempt_at=now + 3600,
             last_error={"step": "connect", "code": None, "text": "connection refused"},
         )
-        spool.path("queue", env.id, "eml").write_bytes(data)
-        spool.path("queue", env.id, "json").write_bytes(_dumps(env))
+        for ext, content in (("eml", data), ("json", _dumps(env))):
+            fd = os.open(spool.path("queue", env.id, ext), os.O_WRONLY | os.O_CREAT, 0o600)
+            os.write(fd, content)
+            os.close(fd)
 
 
 def pct(xs: list[float], p: float) -> float:

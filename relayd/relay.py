@@ -92,13 +92,22 @@ class Relay:
 
     async def load(self) -> int:
         """Rebuild the index from queue/ (start-up and after CLI edits); returns the depth."""
-        envs = await asyncio.to_thread(lambda: list(self.spool.scan(QUEUE, repair=True)))
+        # Only what the index needs is kept from each envelope: holding 100,000 parsed
+        # envelopes at once took ~180 MiB at start-up.
+        rows = await asyncio.to_thread(
+            lambda: [
+                (e.next_attempt_at, e.id, e.created_at) for e in self.spool.scan(QUEUE, repair=True)
+            ]
+        )
         self.due = {i: t for i, t in self.due.items() if i in self.inflight}
         self.created = {i: t for i, t in self.created.items() if i in self.inflight}
         self.heap = []
-        for env in envs:
-            if env.id not in self.inflight:
-                self.enqueue(env)
+        for when, msg_id, created in rows:
+            if msg_id not in self.inflight:
+                self.due[msg_id] = when
+                self.created[msg_id] = created
+                self.heap.append((when, msg_id))
+        heapq.heapify(self.heap)
         self.wake.set()
         return len(self.due)
 

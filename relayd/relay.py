@@ -198,8 +198,7 @@ class Relay:
 
     async def _attempt(self, msg_id: str, session: Deliverer | None) -> Deliverer | None:
         try:
-            env = await asyncio.to_thread(self.spool.load, msg_id)
-            data = await asyncio.to_thread(self.spool.read, env)
+            env, data = await asyncio.to_thread(self._read, msg_id)
         except SpoolError:
             self.forget(msg_id)  # deleted (relayd queue delete) or moved meanwhile
             return session
@@ -244,6 +243,11 @@ class Relay:
         except BaseException:
             await _close(fresh)
             raise
+
+    def _read(self, msg_id: str) -> tuple[Envelope, bytes]:
+        # One trip to a worker thread for both files: each trip costs the loop a wake-up.
+        env = self.spool.load(msg_id)
+        return env, self.spool.read(env)
 
     def _retry_later(self, msg_id: str) -> None:
         if msg_id in self.due and not self.stopping:

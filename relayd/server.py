@@ -36,6 +36,9 @@ R_TOO_BIG = "552 5.3.4 Message size exceeds fixed maximum message size"
 R_SHUTTING_DOWN = "421 4.3.2 Service shutting down, try again later"
 
 _HEADER_END = re.compile(rb"\r?\n\r?\n")
+_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_PLAIN_REST = re.compile(r" [^\s(]")  # one space, then parameters (no comment, no CFWS)
+_PLAIN_ADDR = re.compile(rf"<({_ATOM}(?:\.{_ATOM})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>")
 LINE_LIMIT = 65_536  # bytes per line of DATA, CRLF included
 
 
@@ -260,3 +263,16 @@ class _Session(SMTP):
     def connection_lost(self, exc: Exception | None) -> None:
         self.registry.discard(self)
         super().connection_lost(exc)
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        # aiosmtpd runs every MAIL/RCPT argument through the RFC 5322 header parser and
+        # builds a class per call: ~70 µs, twice per message. A plain <dot-atom@domain>
+        # parses to itself, so it skips that; anything else still gets aiosmtpd's parser.
+        match = _PLAIN_ADDR.match(arg)
+        rest = arg[match.end() :] if match else ""
+        if match is None or (rest and not _PLAIN_REST.match(rest)):
+            return super()._getaddr(arg)
+        local = match.group(1).rpartition("@")[0]
+        if self.local_part_limit and len(local) > self.local_part_limit:
+            return None, None
+        return match.group(1), rest[1:]

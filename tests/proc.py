@@ -43,9 +43,9 @@ class ServeProcess:
         )
         if waiter not in done:
             waiter.cancel()
-            if self.proc.returncode is None:  # never leave a daemon behind a failed start
+            if self._reader not in done:  # still running: never leave a daemon behind
                 self.proc.kill()
-                await self.proc.wait()
+            await self.proc.wait()
             raise AssertionError("relayd serve did not start:\n" + "\n".join(self.raw[-20:]))
         return self
 

@@ -1,10 +1,15 @@
-"""The daemon: spool + listener + relay on one event loop, signals, readiness, graceful stop."""
+"""The daemon: spool + listener + relay, signals, readiness, graceful stop.
+
+By default the relay runs in a second process (relayd.worker) so accepting and delivering each
+get a core; with relay.separate_process false both share this process's event loop.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -25,6 +30,7 @@ from relayd.relay import Deliverer, Outbox, Relay
 from relayd.server import Handler, Listener
 from relayd.spool import FAILED, QUEUE, Spool
 from relayd.upstream import Session
+from relayd.worker import WorkerRelay
 
 log = structlog.get_logger()
 
@@ -49,7 +55,11 @@ class Daemon:
     def __post_init__(self) -> None:
         self.spool = Spool(self.cfg.spool.path)
         self.notifier = Notifier(self.environ)
-        self.relay = Relay(self.spool, self.cfg, self._connect)
+        self.relay: Relay | WorkerRelay = (
+            WorkerRelay(self.cfg, self.dev)
+            if self.cfg.relay.separate_process
+            else Relay(self.spool, self.cfg, self._connect)
+        )
         self.endpoint: metrics.Endpoint | None = None
         self.heartbeat = time.monotonic()
         self.failed_count = 0
@@ -91,7 +101,7 @@ class Daemon:
             await self.stop.wait()
             self.ready = False
             self.notifier.send("STOPPING=1", "STATUS=stopping")
-            log.info("server.stopping", queued=len(self.relay.due))
+            log.info("server.stopping", queued=self.relay.depth)
             await listener.stop(STOP_DEADLINE)
         if self.endpoint is not None:
             await asyncio.to_thread(self.endpoint.stop)
@@ -99,7 +109,7 @@ class Daemon:
             self._remove_signals()
         await asyncio.to_thread(self._write_status, self._status())
         self.spool.unlock()
-        log.info("server.stopped", queued=len(self.relay.due))
+        log.info("server.stopped", queued=self.relay.depth)
         return 0
 
     def _warn_insecure(self) -> None:
@@ -163,11 +173,11 @@ class Daemon:
 
     def _flush(self) -> None:
         self.relay.flush()
-        log.info("queue.flushed", queued=len(self.relay.due))
+        log.info("queue.flushed", queued=self.relay.depth)
 
     async def rescan(self) -> None:
         """Re-read queue/ after an operator edit (relayd queue retry/delete signal this)."""
-        depth = await self.relay.load()
+        depth = await self.relay.rescan()
         log.info("queue.rescanned", queued=depth)
 
     async def reload(self) -> None:
@@ -186,10 +196,16 @@ class Daemon:
             log.warning("config.restart_needed", detail="listen and spool changes need a restart")
         if new.upstream.max_connections != self.relay.cfg.upstream.max_connections:
             log.warning("config.restart_needed", detail="upstream.max_connections needs a restart")
-        self.relay.cfg = Config(
-            self.cfg.listen, self.cfg.spool, new.upstream, new.retry, new.log, self.cfg.metrics
+        # The next delivery logs in with the new credentials.
+        self.relay.reconfigure(
+            dataclasses.replace(
+                new,
+                listen=self.cfg.listen,
+                spool=self.cfg.spool,
+                metrics=self.cfg.metrics,
+                relay=self.cfg.relay,
+            )
         )
-        self.relay.retire_sessions()  # the next delivery logs in with the new credentials
         # Logged under the level in force when the signal came, so the operator sees it.
         log.info("config.reloaded", upstream=f"{new.upstream.host}:{new.upstream.port}")
         logs.setup(new.log.format, new.log.level)
@@ -203,8 +219,8 @@ class Daemon:
             if self.notifier.watchdog_interval:
                 self.notifier.send("WATCHDOG=1")
             await self._update_gauges()
-            depth = len(self.relay.due)
-            self.notifier.send(f"STATUS={depth} queued, {len(self.relay.inflight)} in flight")
+            snap = self.relay.snapshot()
+            self.notifier.send(f"STATUS={snap['queued']} queued, {snap['in_flight']} in flight")
             await asyncio.to_thread(self._write_status, self._status())
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(interval):
@@ -212,24 +228,22 @@ class Daemon:
 
     async def _update_gauges(self) -> None:
         """Set the queue gauges from the relay's index (on the loop: it is not thread-safe)."""
-        metrics.QUEUE_DEPTH.labels(state=QUEUE).set(len(self.relay.due))
-        metrics.OLDEST_AGE.set(self.relay.oldest_age())
+        snap = self.relay.snapshot()
+        metrics.QUEUE_DEPTH.labels(state=QUEUE).set(snap["queued"])
+        metrics.OLDEST_AGE.set(snap["oldest_age"])
         self.failed_count = await asyncio.to_thread(_count, self.spool.root / FAILED)
         metrics.QUEUE_DEPTH.labels(state=FAILED).set(self.failed_count)
 
     def _status(self) -> dict[str, Any]:
         """What `relayd health` reads: built on the loop, written by a thread."""
-        relay = self.relay
+        snap = self.relay.snapshot()
+        del snap["in_flight"]
         return {
             "pid": os.getpid(),
             "updated_at": time.time(),
             "ready": self.ready,
-            "queued": len(relay.due),
             "failed": self.failed_count,
-            "oldest_age": relay.oldest_age(),
-            "consecutive_failures": relay.consecutive_failures,
-            "last_error": relay.last_error,
-            "last_delivery_at": relay.last_delivery_at,
+            **snap,
         }
 
     def _write_status(self, doc: dict[str, Any]) -> None:

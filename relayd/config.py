@@ -77,6 +77,13 @@ class Metrics:
 
 
 @dataclass(frozen=True, slots=True)
+class Relay:
+    # Deliveries run in a second process over the same spool, so accepting and relaying each
+    # get a CPU core; false keeps both on one event loop (one process, less memory).
+    separate_process: bool = True
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     listen: Listen = Listen()
     spool: Spool = Spool()
@@ -84,6 +91,7 @@ class Config:
     retry: Retry = Retry()
     log: Log = Log()
     metrics: Metrics = Metrics()
+    relay: Relay = Relay()
 
 
 SECTIONS: dict[str, type[Any]] = {
@@ -93,7 +101,25 @@ SECTIONS: dict[str, type[Any]] = {
     "retry": Retry,
     "log": Log,
     "metrics": Metrics,
+    "relay": Relay,
 }
+
+
+def to_json(cfg: Config) -> dict[str, Any]:
+    """The whole config as plain data (secrets included: only for the delivery process)."""
+    return dataclasses.asdict(cfg)
+
+
+def from_json(doc: dict[str, Any]) -> Config:
+    """Rebuild a Config written by to_json (already validated by the process that wrote it)."""
+    sections: dict[str, Any] = {}
+    for name, cls in SECTIONS.items():
+        values = dict(doc.get(name, {}))
+        for key, value in values.items():
+            if isinstance(value, list):
+                values[key] = tuple(value)
+        sections[name] = cls(**values)
+    return Config(**sections)
 
 
 def load(path: str | os.PathLike[str] | None, environ: Mapping[str, str]) -> Config:

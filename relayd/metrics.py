@@ -38,6 +38,43 @@ DELIVERY_SECONDS = Histogram(
 QUEUE_DEPTH = Gauge("relayd_queue_depth", "Messages in the spool by state.", ["state"])
 OLDEST_AGE = Gauge("relayd_queue_oldest_age_seconds", "Age of the oldest queued message.")
 
+# The delivery process counts these; the listener process, which serves /metrics, applies them.
+FORWARDED = ("DELIVERED", "DEFERRED", "FAILED", "UPSTREAM_FAILURES", "DELIVERY_SECONDS")
+
+
+class _Recorder:
+    """Stands in for a Counter or Histogram in the delivery process: records, never exports."""
+
+    def __init__(self, name: str, events: list[Any], labels: dict[str, str] | None = None):
+        self.name, self.events, self.label_values = name, events, labels or {}
+
+    def labels(self, **values: str) -> _Recorder:
+        return _Recorder(self.name, self.events, values)
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.events.append((self.name, self.label_values, "inc", amount))
+
+    def observe(self, value: float) -> None:
+        self.events.append((self.name, self.label_values, "observe", value))
+
+
+def forward(events: list[Any]) -> None:
+    """In the delivery process: record the forwarded metrics into events instead."""
+    for name in FORWARDED:
+        globals()[name] = _Recorder(name, events)
+
+
+def apply(events: Any) -> None:
+    """In the listener process: replay events recorded by the delivery process."""
+    for name, labels, op, value in events:
+        if name not in FORWARDED or op not in ("inc", "observe"):
+            continue
+        metric = globals()[name]
+        if labels:
+            metric = metric.labels(**labels)
+        getattr(metric, op)(float(value))
+
+
 # Series that exist from the start, so a dashboard sees 0 rather than no data.
 for _state in ("queue", "failed"):
     QUEUE_DEPTH.labels(state=_state)

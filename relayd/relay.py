@@ -81,10 +81,33 @@ class Relay:
 
     def enqueue(self, env: Envelope) -> None:
         """Make a spooled message known; it is dispatched when due (at once if due now)."""
-        self.due[env.id] = env.next_attempt_at
-        self.created[env.id] = env.created_at
-        heapq.heappush(self.heap, (env.next_attempt_at, env.id))
+        self.add(env.id, env.next_attempt_at, env.created_at)
+
+    def add(self, msg_id: str, due: float, created: float) -> None:
+        self.due[msg_id] = due
+        self.created[msg_id] = created
+        heapq.heappush(self.heap, (due, msg_id))
         self.wake.set()
+
+    @property
+    def depth(self) -> int:
+        return len(self.due)
+
+    def snapshot(self) -> dict[str, Any]:
+        """What health, metrics and STATUS= report about deliveries."""
+        return {
+            "queued": len(self.due),
+            "in_flight": len(self.inflight),
+            "oldest_age": self.oldest_age(),
+            "consecutive_failures": self.consecutive_failures,
+            "last_error": self.last_error,
+            "last_delivery_at": self.last_delivery_at,
+        }
+
+    def reconfigure(self, cfg: Config) -> None:
+        """Use a reloaded upstream/retry config; open sessions are retired (SIGHUP)."""
+        self.cfg = cfg
+        self.retire_sessions()
 
     def forget(self, msg_id: str) -> None:
         self.due.pop(msg_id, None)
@@ -110,6 +133,10 @@ class Relay:
         heapq.heapify(self.heap)
         self.wake.set()
         return len(self.due)
+
+    async def rescan(self) -> int:
+        """Re-read queue/ after an operator edit; returns the depth."""
+        return await self.load()
 
     def flush(self) -> None:
         """Everything queued is due now (SIGUSR1)."""

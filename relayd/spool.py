@@ -21,6 +21,7 @@ import errno
 import fcntl
 import json
 import os
+import random
 import secrets
 import threading
 import time
@@ -130,6 +131,10 @@ class Spool:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.root = Path(path).absolute()
+        # Uniqueness, not secrecy: one urandom seed per process instead of one per id.
+        self._random = random.Random(secrets.randbits(64))  # noqa: S311 - ids, not secrets
+        self._tmp_prefix = f"{os.getpid()}.{secrets.token_hex(4)}"
+        self._tmp_seq = 0
         self._last_stamp = 0
         self._id_lock = threading.Lock()
         self._gen_lock = threading.Lock()
@@ -223,8 +228,9 @@ class Spool:
         with self._id_lock:
             stamp = max(time.time_ns() // 1000, self._last_stamp + 1)
             self._last_stamp = stamp
+            suffix = self._random.getrandbits(32)
         when = datetime.fromtimestamp(stamp / 1e6, UTC).strftime("%Y%m%dT%H%M%S")
-        return f"{when}.{stamp % 1_000_000:06d}Z.{secrets.token_hex(4)}"
+        return f"{when}.{stamp % 1_000_000:06d}Z.{suffix:08x}"
 
     def path(self, state: str, msg_id: str, ext: str) -> Path:
         return self.root / state / f"{msg_id}.{ext}"
@@ -232,7 +238,10 @@ class Spool:
     # -- durable writes --------------------------------------------------------------------
 
     def _write_tmp(self, data: bytes) -> Path:
-        tmp = self.root / TMP / f"{self.new_id()}.{os.getpid()}.tmp"
+        with self._id_lock:
+            self._tmp_seq += 1
+            name = f"{self._tmp_prefix}.{self._tmp_seq}.tmp"
+        tmp = self.root / TMP / name
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             view = memoryview(data)

@@ -188,6 +188,8 @@ def make_config(tmp_path: Path, port: int, ca_file: Path | None, **env: Any) -> 
         "RELAYD_UPSTREAM_TIMEOUT": "5",
         "RELAYD_RETRY_INITIAL_DELAY": "0.05",
         "RELAYD_RETRY_MAX_DELAY": "0.4",
+        # In-process tests assert the relay's own log lines; subprocess tests use the default.
+        "RELAYD_RELAY_SEPARATE_PROCESS": "false",
     }
     if ca_file is not None:
         environ["RELAYD_UPSTREAM_CA_FILE"] = str(ca_file)

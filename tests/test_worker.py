@@ -1,0 +1,60 @@
+"""The delivery process: supervised by the listener, never outliving it, never a second sender."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+from conftest import Sink, eventually, free_port, message, start_sink, stop_sink, submit
+from proc import ServeProcess, serve_env
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as fh:  # a zombie is dead for our purpose
+        return fh.read().split()[2] != "Z"
+
+
+async def test_a_killed_delivery_process_is_replaced_and_mail_flows(tmp_path, pki, sink):
+    """kill -9 of the delivery process: the listener starts a new one, delivery goes on."""
+    proc = await ServeProcess(serve_env(tmp_path / "spool", sink.port, pki.ca_file)).start()
+    try:
+        await eventually(lambda: proc.events("worker.started"), what="worker.started")
+        first = proc.events("worker.started")[0]["pid"]
+        await submit(proc.port, "app@example.com", ["u@example.org"], message("before"))
+        await eventually(lambda: len(sink.messages) == 1, what="first delivery")
+        os.kill(first, signal.SIGKILL)
+        await eventually(lambda: len(proc.events("worker.started")) == 2, what="a new worker")
+        assert proc.events("worker.exited")
+        code, _ = await submit(proc.port, "app@example.com", ["u@example.org"], message("after"))
+        assert code == 250
+        # "before" may arrive twice: the kill can fall between the upstream's 250 and the
+        # removal from the spool (at-least-once). "after" must arrive.
+        await eventually(
+            lambda: any(b"Subject: after" in m.data for m in sink.messages),
+            what="delivery by the new worker",
+        )
+    finally:
+        assert await proc.stop() == 0
+
+
+async def test_the_delivery_process_dies_with_its_listener(tmp_path, pki):
+    """kill -9 of the listener: its delivery process stops instead of sending on its own."""
+    port = free_port()
+    env = serve_env(tmp_path / "spool", port, pki.ca_file)
+    proc = await ServeProcess(env).start()
+    await eventually(lambda: proc.events("worker.started"), what="worker.started")
+    worker = proc.events("worker.started")[0]["pid"]
+    await submit(proc.port, "app@example.com", ["u@example.org"], message("queued"))
+    await proc.kill9()
+    await eventually(lambda: not alive(worker), timeout=20, what="the orphaned worker to exit")
+    sink = await start_sink(Sink(), pki.server_ctx, port=port)
+    try:
+        again = await ServeProcess(env).start()
+        await eventually(lambda: len(sink.messages) == 1, timeout=20, what="delivery after restart")
+        assert await again.stop() == 0
+    finally:
+        await stop_sink(sink)

@@ -109,8 +109,13 @@ def cmd_list(args: argparse.Namespace) -> int:
     envs = scan(spool, args.state)
     now = time.time()
     if args.json:
-        json.dump([record(e, now) for e in envs], sys.stdout, indent=1, ensure_ascii=False)
-        print()
+        # One record per line: json's C encoder only runs without indent, and with 100,000
+        # queued messages the indented form took most of the command's 9 s.
+        out = sys.stdout
+        out.write("[\n")
+        for i, env in enumerate(envs):
+            out.write(("," if i else "") + json.dumps(record(env, now), ensure_ascii=False) + "\n")
+        out.write("]\n")
         return 0
     if not envs:
         print("queue empty" if args.state != "failed" else "no failed messages")

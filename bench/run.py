@@ -9,7 +9,7 @@
 Each app session is one connection per message (EHLO, MAIL, RCPT, DATA, QUIT), the way a web
 app sends one email. Prints one line of key=value figures (and, with --json, a JSON object):
 accepted/s (until the last 250), delivered/s (until the sink counted every message), p50/p99
-time from connect to the 250 after DATA, peak RSS of the relayd process (VmHWM), its RSS
+time from connect to the 250 after DATA, peak RSS of relayd's processes (VmHWM, summed), RSS
 growth over the idle baseline, and how many AUTH logins the sink saw. Needs the test extras
 (`pip install -e '.[test]'`) for the throwaway CA. Loopback only; every process it starts is
 stopped by its pid before it returns.
@@ -41,6 +41,22 @@ def proc_kib(pid: int, field: str) -> int:
             if line.startswith(field + ":"):
                 return int(line.split()[1])
     return 0
+
+
+def tree_kib(pid: int, field: str) -> int:
+    """proc_kib summed over relayd's processes (the listener and its delivery process)."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as fh:
+            children = [int(c) for c in fh.read().split()]
+    except OSError:
+        children = []
+    total = proc_kib(pid, field)
+    for child in children:
+        try:
+            total += proc_kib(child, field)
+        except OSError:
+            pass
+    return total
 
 
 def make_certs(tmp: Path) -> tuple[Path, Path, Path]:
@@ -256,7 +272,7 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
                     check=True,
                 )
                 result["queue_list_s"] = round(time.monotonic() - t0, 3)
-            base_rss = proc_kib(pid, "VmRSS")
+            base_rss = tree_kib(pid, "VmRSS")
             before = sink.stats()
             t0 = time.perf_counter()
             lat = asyncio.run(load(relayd.port, opts.n, opts.concurrency, opts.size))
@@ -277,8 +293,8 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
                 delivered_per_s=round(delivered / done_s, 1) if delivered else 0.0,
                 p50_ms=round(statistics.median(lat) * 1000, 2),
                 p99_ms=round(pct(lat, 99) * 1000, 2),
-                peak_rss_mib=round(proc_kib(pid, "VmHWM") / 1024, 1),
-                rss_growth_mib=round((proc_kib(pid, "VmHWM") - base_rss) / 1024, 1),
+                peak_rss_mib=round(tree_kib(pid, "VmHWM") / 1024, 1),
+                rss_growth_mib=round((tree_kib(pid, "VmHWM") - base_rss) / 1024, 1),
                 logins=after["logins"] - before["logins"],
                 peak_upstream_sessions=after["peak_active"],
             )

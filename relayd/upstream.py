@@ -248,13 +248,8 @@ class Session:
         try:
             await smtp.connect()
         except aiosmtplib.SMTPConnectResponseError as exc:
-            raise UpstreamError(
-                f"greeting refused: {exc.code} {exc.message}",
-                step="connect",
-                temporary=_classify(exc.code) == TEMPORARY or exc.code == 554,
-                code=exc.code,
-                text=exc.message,
-            ) from exc
+            temporary = _classify(exc.code) == TEMPORARY or exc.code == 554
+            raise _refused("greeting refused", "connect", exc, temporary=temporary) from exc
         except (aiosmtplib.SMTPException, OSError) as exc:
             cause = exc.__cause__ if exc.__cause__ is not None else exc
             banner = "server ready" in str(exc) or isinstance(cause, aiosmtplib.SMTPException)
@@ -276,13 +271,7 @@ class Session:
         try:
             await self._step("ehlo", smtp.ehlo())
         except aiosmtplib.SMTPResponseException as exc:
-            raise UpstreamError(
-                f"EHLO refused: {exc.code} {exc.message}",
-                step="ehlo",
-                temporary=True,
-                code=exc.code,
-                text=exc.message,
-            ) from exc
+            raise _refused("EHLO refused", "ehlo", exc) from exc
         except aiosmtplib.SMTPException as exc:
             raise UpstreamError(f"EHLO failed: {exc}", step="ehlo", temporary=True) from exc
         self.extensions = dict(smtp.esmtp_extensions)
@@ -299,13 +288,7 @@ class Session:
             await self._step("tls", smtp.starttls(tls_context=ctx, server_hostname=self.cfg.host))
             self.timings[-1].detail.update(tls_details(smtp))
         except aiosmtplib.SMTPResponseException as exc:
-            raise UpstreamError(
-                f"STARTTLS refused: {exc.code} {exc.message}",
-                step="tls",
-                temporary=True,
-                code=exc.code,
-                text=exc.message,
-            ) from exc
+            raise _refused("STARTTLS refused", "tls", exc) from exc
         except (aiosmtplib.SMTPException, OSError) as exc:
             cause = exc.__cause__ if exc.__cause__ is not None else exc
             raise UpstreamError(
@@ -322,14 +305,8 @@ class Session:
             return await smtp.login(cfg.username, cfg.password)
         except aiosmtplib.SMTPAuthenticationError as exc:
             # Postfix soft-bounces SASL failures: the mail waits, an operator fixes the login.
-            raise UpstreamError(
-                f"AUTH refused: {exc.code} {exc.message}",
-                step="auth",
-                temporary=True,
-                code=exc.code,
-                text=exc.message,
-                hint=auth_hint(cfg.host, exc.code, exc.message),
-            ) from exc
+            hint = auth_hint(cfg.host, exc.code, exc.message)
+            raise _refused("AUTH refused", "auth", exc, hint=hint) from exc
         except aiosmtplib.SMTPException as exc:
             raise UpstreamError(
                 f"AUTH failed: {exc}",
@@ -374,13 +351,7 @@ class Session:
             self.sent += 1
         except aiosmtplib.SMTPResponseException as exc:
             # 421 or similar mid-transaction: the server is closing; nobody got the message.
-            raise UpstreamError(
-                f"{step.upper()} failed: {exc.code} {exc.message}",
-                step=step,
-                temporary=True,
-                code=exc.code,
-                text=exc.message,
-            ) from exc
+            raise _refused(f"{step.upper()} failed", step, exc) from exc
         except (aiosmtplib.SMTPException, OSError) as exc:
             raise UpstreamError(
                 f"connection lost during {step.upper()}: {_describe(exc)}",
@@ -458,6 +429,24 @@ def tls_details(smtp: aiosmtplib.SMTP) -> dict[str, Any]:
         "expires_at": ssl.cert_time_to_seconds(str(expires)) if expires else None,
         "verified": obj.context.verify_mode == ssl.CERT_REQUIRED,
     }
+
+
+def _refused(
+    what: str,
+    step: str,
+    exc: aiosmtplib.SMTPResponseException,
+    temporary: bool = True,
+    hint: str = "",
+) -> UpstreamError:
+    """The server answered with an error reply at a step: carry its code and words."""
+    return UpstreamError(
+        f"{what}: {exc.code} {exc.message}",
+        step=step,
+        temporary=temporary,
+        code=exc.code,
+        text=exc.message,
+        hint=hint,
+    )
 
 
 def _describe(exc: BaseException) -> str:

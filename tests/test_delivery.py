@@ -23,6 +23,17 @@ from conftest import (
 from structlog.testing import capture_logs
 
 
+async def first_error(cfg):
+    """Wait for the queued message's first failed attempt; its last_error."""
+    spool = Path(cfg.spool.path) / "queue"
+
+    def failed_once():
+        files = list(spool.glob("*.json"))
+        return files and json.loads(files[0].read_text())["last_error"]
+
+    return await eventually(failed_once, what="a failed attempt")
+
+
 async def test_bytes_envelope_and_auth_reach_the_upstream(tmp_path, pki, sink):
     """The upstream gets the exact bytes, the envelope sender, every recipient, via AUTH."""
     cfg = make_config(tmp_path, sink.port, pki.ca_file)
@@ -136,13 +147,7 @@ async def test_untrusted_certificate_sends_nothing(tmp_path, pki, sink):
     cfg = make_config(tmp_path, sink.port, other.ca_file)
     async with running(cfg) as d:
         await submit(d.address[1], "app@example.com", ["u@example.org"], message())
-        spool = Path(cfg.spool.path) / "queue"
-
-        def failed_once():
-            files = list(spool.glob("*.json"))
-            return files and json.loads(files[0].read_text())["last_error"]
-
-        err = await eventually(failed_once, what="a failed attempt")
+        err = await first_error(cfg)
     assert err["step"] == "tls" and "certificate verify failed" in err["text"]
     assert sink.mail_commands == 0 and sink.logins == [] and sink.auth_failures == 0
     assert len(queue_files(cfg)) == 2
@@ -156,13 +161,7 @@ async def test_wrong_host_certificate_sends_nothing(tmp_path, sink):
         cfg = make_config(tmp_path, s.port, wrong.ca_file)
         async with running(cfg) as d:
             await submit(d.address[1], "app@example.com", ["u@example.org"], message())
-            spool = Path(cfg.spool.path) / "queue"
-
-            def failed_once():
-                files = list(spool.glob("*.json"))
-                return files and json.loads(files[0].read_text())["last_error"]
-
-            err = await eventually(failed_once, what="a failed attempt")
+            err = await first_error(cfg)
         assert err["step"] == "tls"
         assert s.mail_commands == 0 and s.logins == []
     finally:
@@ -176,13 +175,7 @@ async def test_starttls_not_offered_never_falls_back_to_plaintext(tmp_path):
         cfg = make_config(tmp_path, plain.port, None, upstream_tls="starttls")
         async with running(cfg) as d:
             await submit(d.address[1], "app@example.com", ["u@example.org"], message())
-            spool = Path(cfg.spool.path) / "queue"
-
-            def failed_once():
-                files = list(spool.glob("*.json"))
-                return files and json.loads(files[0].read_text())["last_error"]
-
-            err = await eventually(failed_once, what="a failed attempt")
+            err = await first_error(cfg)
         assert err["step"] == "tls" and "STARTTLS" in err["text"]
         assert plain.mail_commands == 0 and plain.logins == [] and plain.auth_failures == 0
     finally:

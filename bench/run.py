@@ -5,6 +5,7 @@
     python bench/run.py -n 200 -c 1 --delay-ms 100   # time to 250 while the upstream is slow
     python bench/run.py -n 1 -c 1 --size 26214400    # one 25 MiB message: memory growth
     python bench/run.py --queued 100000 -n 2000  # start-up, queue list and accept with a backlog
+    python bench/run.py --upstream-down          # ... and the same accept with an empty queue
 
 Each app session is one connection per message (EHLO, MAIL, RCPT, DATA, QUIT), the way a web
 app sends one email. Prints one line of key=value figures (and, with --json, a JSON object):
@@ -250,7 +251,8 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
         ca_file, cert, key = make_certs(tmp)
         sink = Sink(cert, key, opts.delay_ms)
         extra = {"RELAYD_UPSTREAM_MAX_CONNECTIONS": str(opts.max_connections)}
-        if opts.queued:
+        down = bool(opts.queued or opts.upstream_down)
+        if down:
             extra["RELAYD_UPSTREAM_PORT"] = "1"  # the upstream is down while the backlog sits
         relayd = Relayd(tmp, sink.port, ca_file, {k: v for k, v in extra.items() if v != "0"})
         result: dict[str, Any] = {"n": opts.n, "concurrency": opts.concurrency, "size": opts.size}
@@ -278,7 +280,7 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
             lat = asyncio.run(load(relayd.port, opts.n, opts.concurrency, opts.size))
             accepted_s = time.perf_counter() - t0
             delivered = 0
-            if not opts.queued:
+            if not down:
                 deadline = time.monotonic() + opts.timeout
                 while time.monotonic() < deadline:
                     delivered = sink.stats()["messages"] - before["messages"]
@@ -317,6 +319,11 @@ def main(argv: list[str] | None = None) -> int:
         help="upstream.max_connections (default: relayd's)",
     )
     ap.add_argument("--queued", type=int, default=0, help="messages already queued, upstream down")
+    ap.add_argument(
+        "--upstream-down",
+        action="store_true",
+        help="upstream down, nothing queued: the baseline for --queued",
+    )
     ap.add_argument("--timeout", type=float, default=300.0, help="wait this long for delivery")
     ap.add_argument("--json", action="store_true", help="print a JSON object instead")
     opts = ap.parse_args(argv)

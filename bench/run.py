@@ -53,10 +53,8 @@ def tree_kib(pid: int, field: str) -> int:
         children = []
     total = proc_kib(pid, field)
     for child in children:
-        try:
+        with contextlib.suppress(OSError):  # the child may have just exited
             total += proc_kib(child, field)
-        except OSError:
-            pass
     return total
 
 

@@ -304,6 +304,30 @@ class _Session(SMTP):
         self.registry.add(self)
         super().connection_made(transport)
 
+    # aiosmtpd calls the authenticator synchronously, and one scrypt check costs ~50 ms: a
+    # client sending wrong passwords would stall every other session. The built-in PLAIN and
+    # LOGIN parsers still run; the check they ask for is done in a thread instead.
+    _auth_request: tuple[str, Any] | None = None
+
+    def _authenticate(self, mechanism: str, auth_data: Any) -> AuthResult:
+        self._auth_request = (mechanism, auth_data)
+        return AuthResult(success=False, handled=False)  # replaced by _verified()
+
+    async def _verified(self, parsed: AuthResult) -> AuthResult:
+        request, self._auth_request = self._auth_request, None
+        if request is None or self._authenticator is None:
+            return parsed  # the parser already answered (bad base64, client gave up)
+        assert self.session is not None and self.envelope is not None
+        return await asyncio.to_thread(
+            self._authenticator, self, self.session, self.envelope, *request
+        )
+
+    async def auth_PLAIN(self, _: Any, args: list[str]) -> AuthResult:
+        return await self._verified(await super().auth_PLAIN(_, args))
+
+    async def auth_LOGIN(self, _: Any, args: list[str]) -> AuthResult:
+        return await self._verified(await super().auth_LOGIN(_, args))
+
     def connection_lost(self, exc: Exception | None) -> None:
         self.registry.discard(self)
         super().connection_lost(exc)

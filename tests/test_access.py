@@ -161,3 +161,25 @@ def test_users_repr_shows_no_hashes(users_file):
     """repr of the loaded users names only their count."""
     users = auth.load_users(str(users_file))
     assert repr(users) == "<auth.Users 1 users>"
+
+
+async def test_password_checks_run_off_the_event_loop(
+    tmp_path, pki, upstream, users_file, monkeypatch
+):
+    """scrypt (~50 ms) runs in a thread, so wrong passwords cannot stall other sessions."""
+    import threading
+
+    threads: list[bool] = []
+    original = auth.Users.verify
+
+    def recording(self, name, password):
+        threads.append(threading.current_thread() is threading.main_thread())
+        return original(self, name, password)
+
+    monkeypatch.setattr(auth.Users, "verify", recording)
+    cfg = make_config(tmp_path, upstream.port, pki.ca_file, listen_users_file=str(users_file))
+    async with running(cfg) as d:
+        wrong = await send("127.0.0.1", d.address[1], (SUBMITTER, "not-the-password"))
+        right = await send("127.0.0.1", d.address[1], (SUBMITTER, SUBMITTER_PASSWORD))
+    assert (wrong[0], right[0]) == (535, 250)
+    assert threads and not any(threads)  # every check (PLAIN, then LOGIN) in a thread

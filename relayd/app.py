@@ -24,7 +24,7 @@ import structlog
 from relayd import config as config_mod
 from relayd import logs, metrics
 from relayd.config import Config
-from relayd.errors import ConfigError
+from relayd.errors import ConfigError, RelaydError
 from relayd.notify import Notifier
 from relayd.relay import Deliverer, Outbox, Relay
 from relayd.server import Handler, Listener
@@ -76,7 +76,15 @@ class Daemon:
         depth = await self.relay.load()
         handler = Handler(self.cfg.listen, self.spool, self.relay.enqueue)
         listener = Listener(self.cfg.listen, handler)
-        host, port = await listener.start()
+        try:
+            host, port = await listener.start()
+        except OSError as exc:
+            if isinstance(self.relay, WorkerRelay):
+                await self.relay.stop(0.0)  # no delivery process may outlive a failed start
+            self.spool.unlock()
+            where = f"{self.cfg.listen.host}:{self.cfg.listen.port}"
+            why = os.strerror(exc.errno) if exc.errno else str(exc)
+            raise RelaydError(f"cannot listen on {where}: {why}") from None
         self.address = (host, port)
         self._start_metrics()
         if self.signals:

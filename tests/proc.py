@@ -89,6 +89,16 @@ class ServeProcess:
         return await self.wait()
 
 
+def alive(pid: int) -> bool:
+    """Whether a process still runs (a zombie counts as gone)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as fh:
+        return fh.read().split()[2] != "Z"
+
+
 def serve_env(spool: Path, upstream_port: int, ca_file: Path, **extra: str) -> dict[str, str]:
     from conftest import PASSWORD, USER
 

@@ -160,32 +160,33 @@ ODD_BODIES = {
 }
 
 
+async def relay_raw(cfg, upstream, data: bytes) -> tuple[str, bytes]:
+    """Send data as raw DATA bytes; the reply to the final dot and what the upstream got."""
+    async with running(cfg) as d:
+        raw = await Raw.connect(d.address[1])
+        await raw.envelope()
+        final = await raw.send_data(data)
+        raw.close()
+        await eventually(lambda: upstream.messages, what="delivery")
+    return final, upstream.messages[0].data
+
+
 @pytest.mark.parametrize("body", list(ODD_BODIES.values()), ids=list(ODD_BODIES))
 async def test_odd_bytes_are_accepted_and_relayed_unchanged(cfg, upstream, body):
     """NUL bytes, a 10,000-character line, 8-bit data without BODY=8BITMIME: 250, same bytes."""
     data = message(body=body.decode("latin-1"))
     data = data.replace(data[data.index(b"\r\n\r\n") + 4 :], body)
-    async with running(cfg) as d:
-        raw = await Raw.connect(d.address[1])
-        await raw.envelope()
-        final = await raw.send_data(data)
-        raw.close()
-        await eventually(lambda: upstream.messages, what="delivery")
+    final, delivered = await relay_raw(cfg, upstream, data)
     assert final.startswith("250"), final
-    assert upstream.messages[0].data == data
+    assert delivered == data
 
 
 async def test_invalid_utf8_in_headers_is_kept_byte_for_byte(cfg, upstream):
     """Header bytes that are not UTF-8 are neither decoded nor rejected: relayed verbatim."""
     data = b"Subject: \xff\xfe broken \xc3\x28\r\nFrom: \x80@example.com\r\n\r\nbody\r\n"
-    async with running(cfg) as d:
-        raw = await Raw.connect(d.address[1])
-        await raw.envelope()
-        final = await raw.send_data(data)
-        raw.close()
-        await eventually(lambda: upstream.messages, what="delivery")
+    final, delivered = await relay_raw(cfg, upstream, data)
     assert final.startswith("250"), final
-    assert b"Subject: \xff\xfe broken \xc3\x28\r\n" in upstream.messages[0].data
+    assert b"Subject: \xff\xfe broken \xc3\x28\r\n" in delivered
 
 
 async def test_a_line_beyond_the_line_limit_gets_500_and_nothing_is_spooled(cfg):

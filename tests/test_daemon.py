@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import os
+import contextlib
 import signal
+import socket
 
 from conftest import Sink, eventually, free_port, message, start_sink, stop_sink, submit
-from proc import ServeProcess, serve_env
+from proc import ServeProcess, alive, serve_env
 
 
 async def test_kill_9_loses_nothing_that_got_250(tmp_path, pki):
@@ -61,54 +62,17 @@ async def test_dev_mode_writes_to_outbox_and_says_so(tmp_path):
 
 async def test_port_in_use_is_one_line_and_leaves_no_process(tmp_path, pki):
     """Listen port taken: exit 1 with one line naming the address; no delivery process left."""
-    import asyncio
-    import socket
-    import sys
-
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        env = {
-            **serve_env(tmp_path / "spool", free_port(), pki.ca_file),
-            "RELAYD_LISTEN_PORT": str(port),
-        }
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "relayd",
-            "serve",
-            env={**os.environ, **env},
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        _, err = await asyncio.wait_for(proc.communicate(), 30)
-    lines = [ln for ln in err.decode().splitlines() if not ln.startswith("{")]
-    assert proc.returncode == 1
-    assert lines == [f"relayd: cannot listen on 127.0.0.1:{port}: Address already in use"]
-    assert "Traceback" not in err.decode()
-    worker = [
-        e
-        for e in map(_json_or_none, err.decode().splitlines())
-        if e and e.get("event") == "worker.started"
-    ]
-    for event in worker:
-        await eventually(lambda pid=event["pid"]: not _alive(pid), what="worker gone")
-
-
-def _json_or_none(line: str):
-    import json
-
-    try:
-        return json.loads(line)
-    except ValueError:
-        return None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with open(f"/proc/{pid}/stat") as fh:
-        return fh.read().split()[2] != "Z"
+        env = serve_env(tmp_path / "spool", free_port(), pki.ca_file, listen_port=str(port))
+        proc = ServeProcess(env)
+        with contextlib.suppress(AssertionError):  # it exits instead of logging server.started
+            await proc.start(timeout=10)
+        code = await proc.wait()
+    assert code == 1
+    plain = [line for line in proc.raw if not line.startswith("{")]
+    assert plain == [f"relayd: cannot listen on 127.0.0.1:{port}: Address already in use"]
+    for event in proc.events("worker.started"):
+        await eventually(lambda pid=event["pid"]: not alive(pid), what="the worker to exit")

@@ -6,16 +6,7 @@ import os
 import signal
 
 from conftest import Sink, eventually, free_port, message, start_sink, stop_sink, submit
-from proc import ServeProcess, serve_env
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with open(f"/proc/{pid}/stat") as fh:  # a zombie is dead for our purpose
-        return fh.read().split()[2] != "Z"
+from proc import ServeProcess, alive, serve_env
 
 
 async def test_a_killed_delivery_process_is_replaced_and_mail_flows(tmp_path, pki, sink):

@@ -4,6 +4,7 @@ an SMTP client, and a deadline-bound poll helper. Everything runs on 127.0.0.1, 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import socket
 import ssl
@@ -23,6 +24,38 @@ from relayd.app import Daemon
 from relayd.config import Config
 
 USER, PASSWORD = "app@example.com", "s3cret-Pa55word!"
+SUBMITTER, SUBMITTER_PASSWORD = "webapp", "subm1tter-Secret!"
+
+
+def forms(user: str, password: str) -> list[str]:
+    """The password and what it looks like inside AUTH PLAIN and AUTH LOGIN."""
+    b64 = base64.b64encode
+    return [
+        password,
+        b64(password.encode()).decode(),
+        b64(b"\0" + user.encode() + b"\0" + password.encode()).decode(),
+        b64(user.encode() + b"\0" + user.encode() + b"\0" + password.encode()).decode(),
+    ]
+
+
+SECRET_FORMS = [*forms(USER, PASSWORD), *forms(SUBMITTER, SUBMITTER_PASSWORD)]
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """Every test, every phase: no secret in what it captured (stdout, stderr, log records)
+    nor in any line a `relayd serve` subprocess wrote. This runs over the whole suite, the
+    fault, crash and hostile-client tests included, with subprocess daemons at debug."""
+    from proc import CAPTURED
+
+    outcome = yield
+    report = outcome.get_result()
+    text = "\n".join(content for _, content in report.sections) + "\n".join(CAPTURED)
+    CAPTURED.clear()
+    leaked = [s for s in SECRET_FORMS if s in text]
+    if leaked and not report.failed:
+        report.outcome = "failed"
+        report.longrepr = f"a secret appeared in captured output ({len(leaked)} form(s))"
 
 
 async def eventually(pred: Callable[[], Any], timeout: float = 10.0, what: str = "") -> Any:

@@ -11,6 +11,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+# Every line any `relayd serve` subprocess wrote, for conftest's secret check.
+CAPTURED: list[str] = []
+
 
 class ServeProcess:
     def __init__(self, env: dict[str, str], args: list[str] | None = None) -> None:
@@ -54,6 +57,7 @@ class ServeProcess:
         async for raw in proc.stderr:
             text = raw.decode(errors="replace").rstrip("\n")
             self.raw.append(text)
+            CAPTURED.append(text)
             try:
                 line = json.loads(text)
             except ValueError:
@@ -113,6 +117,8 @@ def serve_env(spool: Path, upstream_port: int, ca_file: Path, **extra: str) -> d
         "RELAYD_UPSTREAM_TIMEOUT": "5",
         "RELAYD_RETRY_INITIAL_DELAY": "0.05",
         "RELAYD_RETRY_MAX_DELAY": "0.3",
+        # Debug everywhere: the suite-wide secret check (conftest) then sees the most output.
+        "RELAYD_LOG_LEVEL": "debug",
     }
     env.update({f"RELAYD_{k.upper()}": v for k, v in extra.items()})
     return env

@@ -8,15 +8,21 @@ import sys
 
 import aiosmtplib
 import pytest
-from conftest import eventually, make_config, message, queue_files, running
+from conftest import (
+    SUBMITTER,
+    SUBMITTER_PASSWORD,
+    eventually,
+    make_config,
+    message,
+    queue_files,
+    running,
+)
 from faults import FaultServer
 from structlog.testing import capture_logs
 
 from relayd import auth
 from relayd import config as config_mod
 from relayd.errors import ConfigError
-
-SUBMITTER, SUBMITTER_PASSWORD = "webapp", "subm1tter-Secret!"
 
 
 def local_address() -> str:

@@ -90,6 +90,7 @@ async def test_missing_password_file_is_refused_on_reload(tmp_path, pki, sink):
 async def test_reload_keeps_open_client_sessions_and_log_level(tmp_path, pki, sink):
     """An SMTP session open across SIGHUP still gets its 250; a new log level takes effect."""
     env, _, config = _env(tmp_path, pki, sink)
+    del env["RELAYD_LOG_LEVEL"]  # the level must come from the file for the reload to change it
     proc = await ServeProcess(env, ["--config", str(config)]).start()
     client = aiosmtplib.SMTP(
         hostname="127.0.0.1", port=proc.port, start_tls=False, local_hostname="c.test"

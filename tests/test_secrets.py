@@ -4,7 +4,6 @@ writes: log lines (its own and its libraries'), spooled errors, reprs, or CLI ou
 
 from __future__ import annotations
 
-import base64
 import io
 import json
 import logging
@@ -15,14 +14,22 @@ from pathlib import Path
 import aiosmtplib
 import pytest
 import structlog
-from conftest import PASSWORD, USER, eventually, make_config, message, running
+from conftest import (
+    SECRET_FORMS,
+    SUBMITTER,
+    SUBMITTER_PASSWORD,
+    eventually,
+    forms,
+    make_config,
+    message,
+    running,
+)
 from faults import FaultServer
 from proc import ServeProcess, serve_env
 
 from relayd import auth, logs
 from relayd.upstream import Session
 
-SUBMITTER, SUBMITTER_PASSWORD = "webapp", "subm1tter-Secret!"
 WRONG_SUBMITTER_PASSWORD = "typo-subm1tter-Secret"
 FAULTS = [
     ("auth_535", 1),
@@ -35,22 +42,7 @@ FAULTS = [
 ]
 
 
-def forms(user: str, password: str) -> list[str]:
-    """The password and what it looks like inside AUTH PLAIN and AUTH LOGIN."""
-    b64 = base64.b64encode
-    return [
-        password,
-        b64(password.encode()).decode(),
-        b64(b"\0" + user.encode() + b"\0" + password.encode()).decode(),
-        b64(user.encode() + b"\0" + user.encode() + b"\0" + password.encode()).decode(),
-    ]
-
-
-SECRETS = [
-    *forms(USER, PASSWORD),
-    *forms(SUBMITTER, SUBMITTER_PASSWORD),
-    *forms(SUBMITTER, WRONG_SUBMITTER_PASSWORD),
-]
+SECRETS = [*SECRET_FORMS, *forms(SUBMITTER, WRONG_SUBMITTER_PASSWORD)]
 
 
 def leaks(text: str) -> list[str]:

@@ -32,7 +32,7 @@ sys.path.insert(0, str(TESTS))
 import aiosmtplib  # noqa: E402 - after the path set-up the test helpers need
 from conftest import eventually, make_pki  # noqa: E402
 from faults import FaultServer  # noqa: E402
-from proc import ServeProcess, serve_env  # noqa: E402
+from proc import CAPTURED, ServeProcess, serve_env  # noqa: E402
 
 HEADER = b"X-Relayd-Test-Id"
 
@@ -154,10 +154,12 @@ async def campaign(runs: int, burst: int, clients: int, workdir: Path) -> Summar
     async with FaultServer(pki) as fs:
         fs.slow_delay = 0.01  # every upstream reply 10 ms late: the queue never quite empties
         fs.fail("slow")
-        env = serve_env(workdir / "spool", fs.port, pki.ca_file)
+        # Info, not the suite's debug: thousands of messages per run.
+        env = serve_env(workdir / "spool", fs.port, pki.ca_file, log_level="info")
         in_flight_ids: set[str] = set()
         for run in range(runs):
             in_flight_ids |= await one_run(run, env, fs, s, burst, clients)
+            CAPTURED.clear()  # kept for the test suite's secret check, not needed here
         await drain(env, fs, s)
         tally(fs, s, in_flight_ids)
     s.seconds = time.monotonic() - started

@@ -237,10 +237,10 @@ class Spool:
 
     # -- durable writes --------------------------------------------------------------------
 
-    def _write_tmp(self, data: bytes) -> Path:
+    def _write_tmp(self, data: bytes | bytearray) -> Path:
         return self._write_tmps(data)[0]
 
-    def _write_tmps(self, *blobs: bytes) -> list[Path]:
+    def _write_tmps(self, *blobs: bytes | bytearray) -> list[Path]:
         """Write each blob to its own new file in tmp/, then fsync them all.
 
         Writing all before the first fsync lets that fsync's journal commit carry the other
@@ -295,7 +295,12 @@ class Spool:
         self._renamed_into(target.parent.name)
 
     def put(
-        self, mail_from: str, rcpt_to: list[str], data: bytes, now: float, msg_id: str = ""
+        self,
+        mail_from: str,
+        rcpt_to: list[str],
+        data: bytes | bytearray,
+        now: float,
+        msg_id: str = "",
     ) -> Envelope:
         """Store a message durably; on return the pair is fsynced and the id is safe to 250."""
         env = Envelope(

@@ -41,6 +41,21 @@ def forms(user: str, password: str) -> list[str]:
 SECRET_FORMS = [*forms(USER, PASSWORD), *forms(SUBMITTER, SUBMITTER_PASSWORD)]
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _no_daemon_outlives_the_suite() -> Any:
+    """Kill any `relayd serve` a failed test left running (its delivery process follows)."""
+    yield
+    import os
+    import signal
+
+    from proc import STARTED
+
+    for proc in STARTED:
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGKILL)
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
     """Every test, every phase: no secret in what it captured (stdout, stderr, log records)

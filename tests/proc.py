@@ -13,6 +13,8 @@ from typing import Any
 
 # Every line any `relayd serve` subprocess wrote, for conftest's secret check.
 CAPTURED: list[str] = []
+# Every subprocess started, so a session-end fixture can kill whatever a failed test left.
+STARTED: list[asyncio.subprocess.Process] = []
 
 
 class ServeProcess:
@@ -39,6 +41,7 @@ class ServeProcess:
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,
         )
+        STARTED.append(self.proc)
         self._reader = asyncio.create_task(self._read(self.proc))
         waiter = asyncio.create_task(self._started.wait())
         done, _ = await asyncio.wait(
@@ -90,7 +93,12 @@ class ServeProcess:
         if self.proc is None or self.proc.returncode is not None:
             return self.proc.returncode if self.proc else 0
         self.signal(signal.SIGTERM)
-        return await self.wait()
+        try:
+            return await self.wait()
+        except TimeoutError:
+            self.signal(signal.SIGKILL)  # never leave a daemon behind a failed test
+            await self.wait()
+            raise AssertionError("relayd serve did not stop on SIGTERM") from None
 
 
 def alive(pid: int) -> bool:

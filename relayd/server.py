@@ -60,7 +60,12 @@ def add_missing_headers(
         extra += b"Date: " + email.utils.formatdate(now).encode() + b"\r\n"
     if b"message-id" not in names:
         extra += b"Message-ID: <" + msg_id.encode() + b"@" + hostname.encode() + b">\r\n"
-    return extra + data if extra else data
+    if not extra:
+        return data
+    if isinstance(data, bytearray):
+        data[0:0] = extra  # in place: a large message is not copied a second time
+        return data
+    return extra + data
 
 
 _NAMES: dict[tuple[type, tuple[str, ...]], list[str]] = {}

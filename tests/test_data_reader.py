@@ -67,3 +67,16 @@ async def test_line_over_the_line_limit_is_refused():
     """A single line longer than 64 KiB gets 500, nothing kept."""
     got, problem, rest = await feed(b"z" * (LINE_LIMIT + 10) + b"\r\n.\r\n", limit=None)
     assert (got, problem, rest) == (b"", R_LINE_TOO_LONG, b"")
+
+
+@pytest.mark.parametrize("kind", [bytes, bytearray])
+def test_missing_headers_are_prepended_once(kind):
+    """Date and Message-ID are added only when absent, for received buffers and bytes alike."""
+    from relayd.server import add_missing_headers
+
+    bare = kind(b"Subject: x\r\n\r\nbody\r\n")
+    out = bytes(add_missing_headers(bare, "ID1", "relay.test", 0.0))
+    assert out.startswith(b"Date: ") and b"Message-ID: <ID1@relay.test>\r\n" in out
+    assert out.endswith(b"Subject: x\r\n\r\nbody\r\n")
+    full = kind(b"Date: x\r\nMessage-id: <a@b>\r\n\r\nbody\r\n")
+    assert bytes(add_missing_headers(full, "ID2", "relay.test", 0.0)) == bytes(full)

@@ -123,7 +123,11 @@ class Handler:
         session.host_name = hostname
         # aiosmtpd reads commands one by one from a buffered stream, so pipelined
         # commands already work; RFC 2920 only asks that we say so.
-        return [*responses[:-1], "250-PIPELINING", responses[-1]]
+        lines = [*responses[:-1], "250-PIPELINING", responses[-1]]
+        # aiosmtpd would push each line with its own write: six send() calls per client.
+        # One write carries the whole reply; an empty list tells aiosmtpd it was sent.
+        await server.push("\r\n".join(lines))
+        return []
 
     async def handle_MAIL(
         self,

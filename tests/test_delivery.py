@@ -239,3 +239,21 @@ async def test_session_closed_by_provider_while_idle_is_replaced_without_deferra
     assert not [e for e in logs if e["event"] == "delivery.deferred"]
     assert [e["attempt"] for e in logs if e["event"] == "delivery.sent"] == [1, 1]
     assert len(sink.logins) == 2
+
+
+async def test_ehlo_advertises_the_promised_extensions(tmp_path, pki, sink):
+    """EHLO names the host and offers SIZE, 8BITMIME, PIPELINING and SMTPUTF8."""
+    import aiosmtplib
+
+    cfg = make_config(tmp_path, sink.port, pki.ca_file, listen_hostname="relay.example.test")
+    async with running(cfg) as d:
+        client = aiosmtplib.SMTP(
+            hostname="127.0.0.1", port=d.address[1], start_tls=False, local_hostname="client.test"
+        )
+        await client.connect()
+        reply = await client.ehlo()
+        extensions = dict(client.esmtp_extensions)
+        client.close()
+    assert reply.message.splitlines()[0] == "relay.example.test"
+    assert {"size", "8bitmime", "pipelining", "smtputf8"} <= set(extensions)
+    assert extensions["size"] == str(cfg.listen.max_message_size)

@@ -23,6 +23,7 @@ from typing import Any, NoReturn
 from relayd import commands, logs
 from relayd.config import Config
 from relayd.errors import ConfigError, RelaydError, SpoolError
+from relayd.server import add_missing_headers
 from relayd.spool import Spool
 
 EX_OK, EX_USAGE, EX_DATAERR, EX_NOUSER, EX_TEMPFAIL, EX_CONFIG = 0, 64, 65, 67, 75, 78
@@ -154,20 +155,18 @@ def strip_headers(data: bytes, names: tuple[bytes, ...]) -> bytes:
 
 
 def complete_headers(data: bytes, sender: str, fullname: str | None) -> bytes:
-    """Add From (with -F's name), Date and Message-ID when the message lacks them."""
+    """Add From (with -F's name) when the message lacks it.
+
+    Date and Message-ID are the listener's job (server.add_missing_headers), and the
+    maildrop path calls the same function, so both ways in add them alike.
+    """
     head, _ = _split(data)
     present = {m.group(1).lower() for m in re.finditer(rb"^([!-9;-~]+):", head, flags=re.MULTILINE)}
-    extra = []
-    if b"from" not in present:
-        extra.append(f"From: {email.utils.formataddr((fullname or '', sender))}")
-    if b"date" not in present:
-        extra.append(f"Date: {email.utils.formatdate(usegmt=True)}")
-    if b"message-id" not in present:
-        domain = sender.rpartition("@")[2] or "localhost"
-        extra.append(f"Message-ID: {email.utils.make_msgid('relayd', domain=domain)}")
     if not head.strip():
         data = b"\r\n" + data
-    return "".join(f"{h}\r\n" for h in extra).encode() + data
+    if b"from" in present:
+        return data
+    return f"From: {email.utils.formataddr((fullname or '', sender))}\r\n".encode() + data
 
 
 def default_sender(cfg: Config) -> str:
@@ -215,9 +214,11 @@ def maildrop(
 ) -> int:
     """Write the message into the spool directly; the daemon sends it when it (re)scans."""
     spool = Spool(cfg.spool.path)
+    msg_id, now = spool.new_id(), time.time()
+    data = bytes(add_missing_headers(data, msg_id, cfg.listen.hostname, now))
     try:
         spool.create()
-        env = spool.put(sender, rcpts, data, time.time())
+        env = spool.put(sender, rcpts, data, now, msg_id)
     except SpoolError as exc:
         raise SpoolError(
             f"relayd is not accepting mail ({why}) and the spool is not writable: {exc} "

@@ -469,8 +469,7 @@ class Spool:
         del names
         prefix = os.path.join(directory, "")
         for stem in sorted(jsons | emls):
-            exts = {ext for ext, have in (("json", jsons), ("eml", emls)) if stem in have}
-            if len(exts) == 2:
+            if stem in jsons and stem in emls:
                 if repair:
                     self._check_owner_and_mode(state, stem)
                 try:
@@ -481,7 +480,7 @@ class Spool:
                         self._quarantine(self.path(state, stem, "eml"), "envelope corrupt")
                 continue
             if repair:
-                self._repair_half(state, stem, exts)
+                self._repair_half(state, stem, {"json"} if stem in jsons else {"eml"})
 
     def _check_owner_and_mode(self, state: str, stem: str) -> None:
         """Report files another user owns and tighten modes wider than 0600 (mail is private)."""

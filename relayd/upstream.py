@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiosmtplib
-import aiosmtplib.protocol
 import structlog
 
 from relayd.config import Upstream

@@ -70,6 +70,12 @@ class ServeProcess:
                 self.port = int(line["port"])
                 self._started.set()
 
+    async def expect_exit(self, timeout: float = 10.0) -> int:
+        """Start a daemon that should refuse to start; returns its exit code."""
+        with contextlib.suppress(AssertionError):  # it exits instead of logging server.started
+            await self.start(timeout=timeout)
+        return await self.wait()
+
     def events(self, name: str) -> list[dict[str, Any]]:
         return [line for line in self.lines if line.get("event") == name]
 

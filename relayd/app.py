@@ -266,9 +266,9 @@ class Daemon:
 
 
 def _count(directory: Path) -> int:
-    """Messages in a state directory (one .json each); 0 when it cannot be listed."""
+    """Messages in a state directory (one .eml each); 0 when it cannot be listed."""
     try:
-        return sum(1 for name in os.listdir(directory) if name.endswith(".json"))
+        return sum(1 for name in os.listdir(directory) if name.endswith(".eml"))
     except OSError:
         return 0
 

@@ -272,9 +272,8 @@ class Relay:
             raise
 
     def _read(self, msg_id: str) -> tuple[Envelope, bytes]:
-        # One trip to a worker thread for both files: each trip costs the loop a wake-up.
-        env = self.spool.load(msg_id)
-        return env, self.spool.read(env)
+        # One trip to a worker thread for envelope and body: each trip costs the loop a wake-up.
+        return self.spool.load_message(msg_id)
 
     def _retry_later(self, msg_id: str) -> None:
         if msg_id in self.due and not self.stopping:

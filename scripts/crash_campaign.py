@@ -129,7 +129,7 @@ async def drain(env: dict[str, str], fs: FaultServer, s: Summary) -> None:
     proc = await ServeProcess({**env, "RELAYD_UPSTREAM_MAX_CONNECTIONS": "16"}).start()
     try:
         await eventually(
-            lambda: not list((spool / "queue").glob("*.json")), timeout=900, what="drained"
+            lambda: not list((spool / "queue").glob("*.eml")), timeout=900, what="drained"
         )
     finally:
         await proc.stop()

@@ -13,6 +13,8 @@ from typing import Any
 from conftest import Sink, eventually, free_port, message, start_sink, stop_sink, submit
 from proc import ServeProcess, serve_env
 
+from relayd.spool import Spool
+
 
 async def run_cli(env: dict[str, str], *args: str) -> tuple[int, str, str]:
     """Run `relayd ARGS` in a subprocess; returns (exit code, stdout, stderr)."""
@@ -32,8 +34,9 @@ async def run_cli(env: dict[str, str], *args: str) -> tuple[int, str, str]:
 
 
 def envelopes(spool: Path, state: str = "queue") -> list[dict[str, Any]]:
-    d = spool / state
-    return [json.loads(p.read_text()) for p in sorted(d.glob("*.json"))] if d.exists() else []
+    if not (spool / state).exists():
+        return []
+    return [env.to_json() for env in Spool(spool).scan(state)]
 
 
 def attempted(spool: Path, n: int = 1) -> Any:

@@ -45,7 +45,7 @@ async def test_sendmail_t_delivers_with_the_daemon_down_and_up(tmp_path, pki, si
     env = serve_env(spool, sink.port, pki.ca_file, listen_port=str(free_port()))
     code, err = await run_sendmail(env, letter("while down"), "-t", "-i", "-f", "cron@example.com")
     assert code == 0, err
-    assert len(list((spool / "queue").glob("*.json"))) == 1  # maildropped, daemon not running
+    assert len(list((spool / "queue").glob("*.eml"))) == 1  # maildropped, daemon not running
     proc = await ServeProcess(env).start()
     try:
         await eventually(lambda: sink.messages, what="maildropped message sent at start")

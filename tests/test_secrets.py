@@ -108,7 +108,11 @@ async def test_no_secret_in_debug_logs_errors_or_reprs_in_process(tmp_path, pki,
             await run_faults(fs, d.address[1], Path(cfg.spool.path))
     written = debug_output.getvalue()
     assert '"level": "debug"' in written or "delivery.sent" in written
-    spooled = "".join(p.read_text() for p in Path(cfg.spool.path).rglob("*.json"))
+    spooled = "".join(
+        p.read_text(errors="replace")
+        for ext in ("json", "eml")
+        for p in Path(cfg.spool.path).rglob(f"*.{ext}")
+    )
     reprs = repr(cfg) + repr(Session(cfg.upstream, "localhost")) + str(cfg)
     assert leaks(written) == []
     assert leaks(spooled) == []

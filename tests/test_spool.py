@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import os
 import threading
@@ -66,19 +67,38 @@ def test_ids_sort_by_arrival_and_are_unique(tmp_path):
     assert len(set(ids)) == len(ids)
 
 
-def test_put_writes_a_readable_pair_with_private_modes(tmp_path):
-    """put() leaves <id>.eml and <id>.json in queue/, 0600, in 0700 directories."""
+def test_put_writes_one_private_file_whose_first_line_is_the_envelope(tmp_path):
+    """put() leaves one <id>.eml, 0600 in 0700 directories: envelope line, then the message."""
     spool = Spool(tmp_path / "s")
     spool.create()
-    env = spool.put("a@example.com", ["b@example.org"], b"Subject: x\r\n\r\nbody\r\n", 1e9)
+    data = b"Subject: x\r\n\r\nbody\r\n"
+    env = spool.put("a@example.com", ["b@example.org", "\u00e9@example.org"], data, 1e9)
     q = tmp_path / "s" / "queue"
-    assert sorted(p.name for p in q.iterdir()) == [f"{env.id}.eml", f"{env.id}.json"]
-    assert (q / f"{env.id}.eml").read_bytes() == b"Subject: x\r\n\r\nbody\r\n"
-    for p in [*q.iterdir()]:
-        assert p.stat().st_mode & 0o777 == 0o600
+    assert [p.name for p in q.iterdir()] == [f"{env.id}.eml"]
+    first, rest = (q / f"{env.id}.eml").read_bytes().split(b"\r\n", 1)
+    assert first.startswith(b"X-Relayd-Envelope: {") and first.isascii()
+    assert rest == data
+    assert (q / f"{env.id}.eml").stat().st_mode & 0o777 == 0o600
     for d in ("", "queue", "failed", "tmp"):
         assert (tmp_path / "s" / d).stat().st_mode & 0o777 == 0o700
-    assert spool.load(env.id).rcpt_to[0].address == "b@example.org"
+    assert spool.load(env.id) == env
+    assert spool.read(env) == data
+    assert spool.load_message(env.id) == (env, data)
+
+
+def test_a_saved_envelope_wins_over_the_line_and_the_message_stays_exact(tmp_path):
+    """After save() the .json carries the state; the body read back is still byte-exact."""
+    spool = Spool(tmp_path / "s")
+    spool.create()
+    data = b"X-Relayd-Envelope: a client's own header\r\n\r\n" + b"x" * 200_000 + b"\r\n"
+    env = spool.put("a@x", ["b@y"], data, 1e9)
+    later = dataclasses.replace(env, attempts=3, next_attempt_at=2e9)
+    spool.save(later)
+    assert spool.load(env.id) == later
+    assert spool.load_message(env.id) == (later, data)
+    assert [e.attempts for e in spool.scan("queue", repair=True)] == [3]
+    spool.remove(env.id)
+    assert list((tmp_path / "s" / "queue").iterdir()) == []
 
 
 def test_scan_quarantines_damage_and_keeps_the_rest(tmp_path):
@@ -90,14 +110,14 @@ def test_scan_quarantines_damage_and_keeps_the_rest(tmp_path):
     q = tmp_path / "s" / "queue"
     (q / f"{bad.id}.json").write_text('{"id": "trunc')
     (q / "orphan.eml").write_bytes(b"x")
+    (q / "broken.eml").write_bytes(b'X-Relayd-Envelope: {"id": "tru\r\n\r\nx\r\n')
     (q / "lonely.json").write_text("{}")
     (q / "garbage.txt").write_text("?")
     found = [e.id for e in spool.scan("queue", repair=True)]
     assert found == [good.id]
     corrupt = sorted(p.name for p in (tmp_path / "s" / "corrupt").iterdir())
-    assert corrupt == sorted(
-        [f"{bad.id}.json", f"{bad.id}.eml", "orphan.eml", "lonely.json", "garbage.txt"]
-    )
+    damaged = [f"{bad.id}.json", f"{bad.id}.eml", "orphan.eml", "broken.eml", "lonely.json"]
+    assert corrupt == sorted([*damaged, "garbage.txt"])
 
 
 def test_lock_refuses_a_second_daemon(tmp_path):

@@ -76,17 +76,18 @@ async def test_damage_while_running_is_quarantined_on_rescan(tmp_path, pki, upst
 
 
 async def test_wrong_mode_and_owner_are_reported_and_mail_still_goes(tmp_path, pki, upstream):
-    """A 0644 pair is tightened to 0600, a foreign owner is logged; both are delivered."""
+    """A 0644 .eml and .json are tightened to 0600, a foreign owner is logged; both go."""
     cfg = make_config(tmp_path, upstream.port, pki.ca_file)
     spool = Spool(cfg.spool.path)
     spool.create()
     wide = spool.put("app@example.com", ["u@example.org"], message("wide"), time.time())
     foreign = spool.put("app@example.com", ["u@example.org"], message("foreign"), time.time())
+    spool.save(wide)  # as after an attempt: the message has a .json too
     for ext in ("eml", "json"):
         os.chmod(spool.path("queue", wide.id, ext), 0o644)
     chowned = os.geteuid() == 0
     if chowned:
-        os.chown(spool.path("queue", foreign.id, "json"), 65534, 65534)
+        os.chown(spool.path("queue", foreign.id, "eml"), 65534, 65534)
     with capture_logs() as logs:
         async with running(cfg):
             await eventually(lambda: len(upstream.messages) == 2, what="both delivered")

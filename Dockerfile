@@ -11,7 +11,10 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY relayd ./relayd
-RUN pip install --no-cache-dir . \
+# DL3013 wants pinned names; this installs the copied source tree (with its uvloop extra),
+# whose dependencies pyproject.toml bounds.
+# hadolint ignore=DL3013
+RUN pip install --no-cache-dir '.[uvloop]' \
     && rm -rf /src \
     && useradd --system --user-group --uid 10025 --home-dir /var/lib/relayd \
         --no-create-home --shell /usr/sbin/nologin relayd \

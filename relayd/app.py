@@ -22,7 +22,7 @@ from typing import Any
 import structlog
 
 from relayd import config as config_mod
-from relayd import logs, metrics
+from relayd import eventloop, logs, metrics
 from relayd.config import Config
 from relayd.errors import ConfigError, RelaydError
 from relayd.notify import Notifier
@@ -96,6 +96,9 @@ class Daemon:
             port=port,
             queued=depth,
             pid=os.getpid(),
+            event_loop="uvloop"
+            if type(asyncio.get_running_loop()).__module__.startswith("uvloop")
+            else "asyncio",
             upstream="outbox (dev)"
             if self.dev
             else f"{self.cfg.upstream.host}:{self.cfg.upstream.port}",
@@ -289,4 +292,4 @@ def register_secrets(cfg: Config) -> None:
 def run(cfg: Config, config_path: str | None, dev: bool, environ: Mapping[str, str]) -> int:
     """Run the daemon in the foreground until SIGTERM/SIGINT; returns the exit code."""
     register_secrets(cfg)
-    return asyncio.run(Daemon(cfg, config_path, dev, environ).run())
+    return eventloop.run(Daemon(cfg, config_path, dev, environ).run(), cfg.relay.event_loop)

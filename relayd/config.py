@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from relayd import eventloop
 from relayd.errors import ConfigError
 
 DEFAULT_SPOOL = "/var/lib/relayd"
@@ -81,6 +82,8 @@ class Relay:
     # Deliveries run in a second process over the same spool, so accepting and relaying each
     # get a CPU core; false keeps both on one event loop (one process, less memory).
     separate_process: bool = True
+    # auto: uvloop when installed (pip install 'relayd[uvloop]'), else asyncio. Read at start-up.
+    event_loop: str = "auto"
 
 
 @dataclass(frozen=True, slots=True)
@@ -289,6 +292,14 @@ def validate(cfg: Config) -> None:
     _check(rt.max_delay >= rt.initial_delay, "retry.max_delay", "must be >= initial_delay")
     _check(rt.max_age > 0, "retry.max_age", "must be > 0")
     _check(cfg.log.format in ("json", "console"), "log.format", "json|console")
+    _check(
+        cfg.relay.event_loop in eventloop.CHOICES, "relay.event_loop", "|".join(eventloop.CHOICES)
+    )
+    _check(
+        cfg.relay.event_loop != "uvloop" or eventloop.available(),
+        "relay.event_loop",
+        "uvloop is not installed (pip install 'relayd[uvloop]')",
+    )
     _check(cfg.log.level in LOG_LEVELS, "log.level", "|".join(LOG_LEVELS))
     if cfg.metrics.listen:
         parse_hostport("metrics.listen", cfg.metrics.listen)

@@ -29,7 +29,7 @@ from typing import Any
 import structlog
 
 from relayd import config as config_mod
-from relayd import logs, metrics
+from relayd import eventloop, logs, metrics
 from relayd.config import Config
 from relayd.relay import Deliverer, Outbox, Relay
 from relayd.spool import Envelope, Spool
@@ -100,6 +100,7 @@ class WorkerRelay:
             sys.executable,
             "-m",
             "relayd.worker",
+            eventloop.resolve(self.cfg.relay.event_loop),
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
         )
@@ -266,7 +267,7 @@ async def _main() -> int:
 def main() -> int:
     # Ctrl-C in a terminal reaches the whole process group: the listener decides when to stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    return asyncio.run(_main())
+    return eventloop.run(_main(), sys.argv[1] if len(sys.argv) > 1 else "asyncio")
 
 
 if __name__ == "__main__":

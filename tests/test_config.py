@@ -55,6 +55,7 @@ def test_password_file_is_read_and_hidden_from_repr(tmp_path):
         ("listen:\n  port: many\n", "listen.port"),
         ("listen:\n  port: 70000\n", "listen.port"),
         ("upstream:\n  tls: maybe\n", "upstream.tls"),
+        ("relay:\n  event_loop: fast\n", "relay.event_loop"),
         ("upstream:\n  verify: 'no'\n", "upstream.verify"),
         ("retry:\n  initial_delay: 10\n  max_delay: 5\n", "retry.max_delay"),
         ("listen:\n  host: 0.0.0.0\n", "listen.allowed_networks"),

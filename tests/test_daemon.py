@@ -5,8 +5,11 @@ from __future__ import annotations
 import signal
 import socket
 
+import pytest
 from conftest import Sink, eventually, free_port, message, start_sink, stop_sink, submit
 from proc import ServeProcess, alive, serve_env
+
+from relayd import eventloop
 
 
 async def test_kill_9_loses_nothing_that_got_250(tmp_path, pki):
@@ -43,18 +46,27 @@ async def test_sigterm_stops_cleanly_with_exit_0(tmp_path, pki):
     assert proc.events("server.stopped")
 
 
-async def test_dev_mode_writes_to_outbox_and_says_so(tmp_path):
-    """`relayd serve --dev` needs no provider: mail lands in <spool>/outbox/."""
+@pytest.mark.parametrize("loop", ["asyncio", "auto"])
+async def test_dev_mode_writes_to_outbox_and_says_so(tmp_path, loop):
+    """`relayd serve --dev` needs no provider: mail lands in <spool>/outbox/, on either loop."""
     spool = tmp_path / "spool"
     proc = await ServeProcess(
-        {"RELAYD_SPOOL_PATH": str(spool), "RELAYD_LISTEN_PORT": "0"}, ["--dev"]
+        {
+            "RELAYD_SPOOL_PATH": str(spool),
+            "RELAYD_LISTEN_PORT": "0",
+            "RELAYD_RELAY_EVENT_LOOP": loop,
+        },
+        ["--dev"],
     ).start()
     try:
         assert proc.events("dev_mode"), "dev mode must announce itself"
+        expected = "uvloop" if loop == "auto" and eventloop.available() else "asyncio"
+        assert proc.events("server.started")[0]["event_loop"] == expected
         code, _ = await submit(proc.port, "app@example.com", ["u@example.org"], message("dev"))
         assert code == 250
         files = await eventually(lambda: list((spool / "outbox").glob("*.eml")))
-        assert b"Subject: dev" in files[0].read_bytes()
+        written = files[0].read_bytes()
+        assert written.endswith(message("dev")) and b"X-Relayd-Envelope" not in written
     finally:
         assert await proc.stop() == 0
 

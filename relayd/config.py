@@ -39,8 +39,6 @@ class Listen:
 @dataclass(frozen=True, slots=True)
 class Spool:
     path: str = DEFAULT_SPOOL
-    # Directory fsyncs of concurrent sessions are shared for up to this long (0 = none).
-    commit_window: float = 0.002
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,7 +274,6 @@ def validate(cfg: Config) -> None:
             f"AUTH is plaintext here; bind {ls.host} only on loopback or a private network",
         )
     _check(bool(cfg.spool.path), "spool.path", "must not be empty")
-    _check(0 <= cfg.spool.commit_window <= 1, "spool.commit_window", "must be 0..1 seconds")
     up = cfg.upstream
     _check(1 <= up.port <= 65535, "upstream.port", "must be 1..65535")
     _check(up.tls in ("implicit", "starttls", "none"), "upstream.tls", "implicit|starttls|none")

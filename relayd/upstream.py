@@ -399,16 +399,24 @@ class Session:
         """
         async with proto._command_lock:
             proto._response_pending = True  # the reply to the final dot is expected
+            last = b""
             for piece in stuffed_chunks(data):
-                proto.write(piece)
-                try:
-                    async with asyncio.timeout(self.cfg.timeout):
-                        await proto._drain_helper()
-                except TimeoutError:
-                    raise aiosmtplib.SMTPTimeoutError("timed out sending DATA") from None
-            proto.write(b".\r\n")
+                if last:
+                    await self._write_piece(proto, last)
+                last = piece
+            # The final dot rides with the last piece: one TLS record and one segment per
+            # message fewer than writing it on its own.
+            await self._write_piece(proto, last + b".\r\n")
             reply: aiosmtplib.SMTPResponse = await proto.read_response(timeout=self.cfg.timeout)
             return reply
+
+    async def _write_piece(self, proto: Any, piece: bytes) -> None:
+        proto.write(piece)
+        try:
+            async with asyncio.timeout(self.cfg.timeout):
+                await proto._drain_helper()
+        except TimeoutError:
+            raise aiosmtplib.SMTPTimeoutError("timed out sending DATA") from None
 
     async def close(self) -> None:
         """QUIT politely (bounded by the timeout), then drop the connection."""

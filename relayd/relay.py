@@ -356,7 +356,7 @@ class Relay:
         elif any(r.state == REFUSED for r in env.rcpt_to):
             await self._finish(env, "failed", _refusal_reason(env))
         else:
-            await asyncio.to_thread(self.spool.remove, env.id)
+            await asyncio.to_thread(self.spool.remove, env.id, QUEUE, False)
             self.forget(env.id)
 
     async def _reschedule(

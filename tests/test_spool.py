@@ -101,6 +101,17 @@ def test_a_saved_envelope_wins_over_the_line_and_the_message_stays_exact(tmp_pat
     assert list((tmp_path / "s" / "queue").iterdir()) == []
 
 
+def test_an_envelope_line_longer_than_one_read_is_read_whole(tmp_path):
+    """A recipient list far past the first 64 KiB read still parses; the body stays exact."""
+    spool = Spool(tmp_path / "s")
+    spool.create()
+    rcpts = [f"user{i:05d}-{'x' * 40}@example.org" for i in range(2000)]  # ~130 KiB of JSON
+    data = b"Subject: many\r\n\r\n" + b"y" * 100_000 + b"\r\n"
+    env = spool.put("a@x", rcpts, data, 1e9)
+    assert [r.address for r in spool.load(env.id).rcpt_to] == rcpts
+    assert spool.load_message(env.id) == (env, data)
+
+
 def test_scan_quarantines_damage_and_keeps_the_rest(tmp_path):
     """Truncated json, orphans and garbage go to corrupt/; good messages are still listed."""
     spool = Spool(tmp_path / "s")

@@ -82,6 +82,7 @@ def test_put_writes_one_private_file_whose_first_line_is_the_envelope(tmp_path):
     for d in ("", "queue", "failed", "tmp"):
         assert (tmp_path / "s" / d).stat().st_mode & 0o777 == 0o700
     assert spool.load(env.id) == env
+    assert list(spool.scan("queue", repair=True)) == [env]
     assert spool.read(env) == data
     assert spool.load_message(env.id) == (env, data)
 

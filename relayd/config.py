@@ -82,6 +82,9 @@ class Relay:
     separate_process: bool = True
     # auto: uvloop when installed (pip install 'relayd[uvloop]'), else asyncio. Read at start-up.
     event_loop: str = "auto"
+    # A delivery process that sends the listener no report for this long (it reports twice a
+    # second) is stuck: it is killed and a new one started.
+    hang_timeout: float = 30.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,6 +24,7 @@ import json
 import os
 import signal
 import sys
+import time
 from typing import Any
 
 import structlog
@@ -52,6 +53,7 @@ class WorkerRelay:
         self.proc: asyncio.subprocess.Process | None = None
         self.ready = asyncio.Event()
         self.backlog: list[bytes] = []
+        self.last_report = time.monotonic()
         self.status: dict[str, Any] = {
             "queued": 0,
             "in_flight": 0,
@@ -104,6 +106,7 @@ class WorkerRelay:
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
         )
+        self.last_report = time.monotonic()
         assert self.proc.stdin is not None
         first = {"config": config_mod.to_json(self.cfg), "dev": self.dev}
         self.proc.stdin.write(json.dumps(first).encode() + b"\n")
@@ -133,6 +136,7 @@ class WorkerRelay:
                 self.status["queued"] = int(doc["ready"])
                 self.ready.set()
             if "status" in doc:
+                self.last_report = time.monotonic()
                 self.status.update(doc["status"])
             metrics.apply(doc.get("metrics", ()))
 
@@ -145,11 +149,14 @@ class WorkerRelay:
                 continue
             exited = asyncio.create_task(proc.wait())
             stopping = asyncio.create_task(stop.wait())
-            await asyncio.wait({exited, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            watchdog = asyncio.create_task(self._watch(proc))
+            await asyncio.wait({exited, stopping, watchdog}, return_when=asyncio.FIRST_COMPLETED)
             stopping.cancel()
+            watchdog.cancel()
             if stop.is_set():
                 exited.cancel()
                 break
+            await exited
             log.error(
                 "worker.exited",
                 pid=proc.pid,
@@ -162,6 +169,27 @@ class WorkerRelay:
                 async with asyncio.timeout(RESTART_DELAY):
                     await stop.wait()
         await self.stop(drain_timeout)
+
+    async def _watch(self, proc: asyncio.subprocess.Process) -> None:
+        """Kill a worker whose reports stopped: its loop is stuck, so it delivers nothing.
+
+        A slow upstream does not count: each upstream step is bounded by upstream.timeout
+        and the worker's report task keeps running beside its deliveries.
+        """
+        limit = self.cfg.relay.hang_timeout
+        while True:  # a watchdog timer, re-armed by every report
+            silent = time.monotonic() - self.last_report
+            if silent >= limit:
+                break
+            await asyncio.sleep(limit - silent)
+        log.error(
+            "worker.hung",
+            pid=proc.pid,
+            silent_s=round(silent, 1),
+            detail="no report from the delivery process; killing it",
+        )
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
 
     async def stop(self, drain_timeout: float) -> None:
         """End the worker's input (it drains and exits) and reap it, killing it if it lingers."""

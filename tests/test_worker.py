@@ -49,3 +49,26 @@ async def test_the_delivery_process_dies_with_its_listener(tmp_path, pki):
         assert await again.stop() == 0
     finally:
         await stop_sink(sink)
+
+
+async def test_a_stuck_delivery_process_is_replaced(tmp_path, pki, sink):
+    """SIGSTOP the delivery process: its reports stop, the listener replaces it, mail flows."""
+    env = serve_env(tmp_path / "spool", sink.port, pki.ca_file, relay_hang_timeout="2")
+    proc = await ServeProcess(env).start()
+    try:
+        await eventually(lambda: proc.events("worker.started"), what="worker.started")
+        stuck = proc.events("worker.started")[0]["pid"]
+        os.kill(stuck, signal.SIGSTOP)
+        code, _ = await submit(proc.port, "app@example.com", ["u@example.org"], message("stuck"))
+        assert code == 250  # accepting never waits for the delivery process
+        await eventually(lambda: proc.events("worker.hung"), timeout=20, what="worker.hung")
+        assert proc.events("worker.hung")[0]["pid"] == stuck
+        await eventually(
+            lambda: any(b"Subject: stuck" in m.data for m in sink.messages),
+            timeout=20,
+            what="delivery by the replacement",
+        )
+        assert not alive(stuck)
+        assert proc.events("worker.started")[-1]["pid"] != stuck
+    finally:
+        assert await proc.stop() == 0

@@ -522,7 +522,8 @@ class Spool:
                 if repair:
                     if has_json:
                         self._quarantine(self.path(state, stem, "json"), str(exc))
-                    self._quarantine(self.path(state, stem, "eml"), "envelope corrupt")
+                    why = "envelope corrupt" if has_json else str(exc)
+                    self._quarantine(self.path(state, stem, "eml"), why)
                 continue
             if env is not None:
                 yield env

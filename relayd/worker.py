@@ -10,7 +10,9 @@ Wire format, one JSON object per line. Listener -> worker (the worker's stdin): 
 ``{"config": …, "dev": …}``, then ``{"new": id, "due": t, "created": t}``, ``{"cmd": "flush"}``,
 ``{"cmd": "rescan"}``, ``{"cmd": "config", "config": …}``; end of input means stop (so a
 listener killed with -9 takes its worker down). Worker -> listener (its stdout):
-``{"ready": depth}`` once, then ``{"status": {…}, "metrics": [...]}`` every REPORT seconds.
+``{"alive": true}`` every REPORT seconds until ``{"ready": depth}``, then
+``{"status": {…}, "metrics": [...]}`` every REPORT seconds; a worker silent for
+relay.hang_timeout is killed and replaced.
 The worker holds ``<spool>/relay.lock``, so a worker still draining after its listener died
 finishes before the next one starts: never two senders on one spool.
 """
@@ -132,11 +134,11 @@ class WorkerRelay:
                 doc = json.loads(raw)
             except ValueError:
                 continue
+            self.last_report = time.monotonic()  # any line is a sign of life
             if "ready" in doc:
                 self.status["queued"] = int(doc["ready"])
                 self.ready.set()
             if "status" in doc:
-                self.last_report = time.monotonic()
                 self.status.update(doc["status"])
             metrics.apply(doc.get("metrics", ()))
 
@@ -245,6 +247,12 @@ def _report_once(relay: Relay, events: list[Any]) -> None:
     _emit({"status": relay.snapshot(), "metrics": batch})
 
 
+async def _alive() -> None:
+    while True:  # a heartbeat until the status reports take over
+        _emit({"alive": True})
+        await asyncio.sleep(REPORT)
+
+
 async def _report(relay: Relay, events: list[Any]) -> None:
     while True:  # a periodic report, not a wait for a condition
         _report_once(relay, events)
@@ -268,6 +276,9 @@ async def _main() -> int:
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stdin), sys.stdin)
     first = json.loads(await stdin.readline())
     cfg, dev = config_mod.from_json(first["config"]), bool(first["dev"])
+    # Waiting for relay.lock and scanning a large queue take a while: say we are alive meanwhile,
+    # or the listener's watchdog (relay.hang_timeout) would take us for stuck.
+    alive = asyncio.create_task(_alive())
     logs.setup(cfg.log.format, cfg.log.level)
     logs.add_auth_forms(cfg.upstream.username, cfg.upstream.password)
     spool = Spool(cfg.spool.path)
@@ -280,6 +291,7 @@ async def _main() -> int:
 
     relay = Relay(spool, cfg, connect)
     _emit({"ready": await relay.load()})
+    alive.cancel()
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     commands = asyncio.create_task(_commands(relay, stop, stdin))

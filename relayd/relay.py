@@ -225,7 +225,8 @@ class Relay:
 
     async def _attempt(self, msg_id: str, session: Deliverer | None) -> Deliverer | None:
         try:
-            env, data = await asyncio.to_thread(self._read, msg_id)
+            # One trip to a thread for envelope and body: each trip costs the loop a wake-up.
+            env, data = await asyncio.to_thread(self.spool.load_message, msg_id)
         except SpoolError:
             self.forget(msg_id)  # deleted (relayd queue delete) or moved meanwhile
             return session
@@ -270,10 +271,6 @@ class Relay:
         except BaseException:
             await _close(fresh)
             raise
-
-    def _read(self, msg_id: str) -> tuple[Envelope, bytes]:
-        # One trip to a worker thread for envelope and body: each trip costs the loop a wake-up.
-        return self.spool.load_message(msg_id)
 
     def _retry_later(self, msg_id: str) -> None:
         if msg_id in self.due and not self.stopping:
@@ -323,6 +320,23 @@ class Relay:
             if not temporary and all(r.state == DELIVERED for r in rcpts)
             else ("deferred" if temporary else "failed")
         )
+        delivered = [o for o in outcomes if o.status == "delivered"]
+        if delivered:
+            self.consecutive_failures = 0 if not temporary else self.consecutive_failures
+            self.last_delivery_at = now
+            metrics.DELIVERED.inc(len(delivered))
+            bound.info("delivery.sent", code=delivered[0].code, recipients=len(delivered))
+        for o in outcomes:
+            if o.status == PERMANENT:
+                metrics.FAILED.labels(reply_class=_reply_class(o.code)).inc()
+                bound.warning(
+                    "delivery.refused", rcpt=o.address, code=o.code, text=o.text, step=o.step
+                )
+        if result == "sent":
+            # Gone from the spool: no history entry to write (the common case, kept short).
+            await asyncio.to_thread(self.spool.remove, env.id, QUEUE, False)
+            self.forget(env.id)
+            return
         entry = {"at": now, "attempt": env.attempts + 1, "result": result}
         if worst is not None:
             entry.update(step=worst.step, code=worst.code, text=worst.text)
@@ -339,25 +353,10 @@ class Relay:
                     {"step": worst.step, "code": worst.code, "text": worst.text, "at": now}
                 ),
             )
-        delivered = [o for o in outcomes if o.status == "delivered"]
-        if delivered:
-            self.consecutive_failures = 0 if not temporary else self.consecutive_failures
-            self.last_delivery_at = now
-            metrics.DELIVERED.inc(len(delivered))
-            bound.info("delivery.sent", code=delivered[0].code, recipients=len(delivered))
-        for o in outcomes:
-            if o.status == PERMANENT:
-                metrics.FAILED.labels(reply_class=_reply_class(o.code)).inc()
-                bound.warning(
-                    "delivery.refused", rcpt=o.address, code=o.code, text=o.text, step=o.step
-                )
         if env.pending:
             await self._reschedule(env, worst, bound, hint)
-        elif any(r.state == REFUSED for r in env.rcpt_to):
-            await self._finish(env, "failed", _refusal_reason(env))
         else:
-            await asyncio.to_thread(self.spool.remove, env.id, QUEUE, False)
-            self.forget(env.id)
+            await self._finish(env, "failed", _refusal_reason(env))
 
     async def _reschedule(
         self, env: Envelope, worst: Outcome | None, bound: Any, hint: str

@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import signal
-import socket
 
 import pytest
-from conftest import Sink, eventually, free_port, message, start_sink, stop_sink, submit
+from conftest import (
+    Sink,
+    eventually,
+    free_port,
+    message,
+    start_sink,
+    stop_sink,
+    submit,
+    taken_port,
+)
 from proc import ServeProcess, alive, serve_env
 
 from relayd import eventloop
@@ -73,10 +81,7 @@ async def test_dev_mode_writes_to_outbox_and_says_so(tmp_path, loop):
 
 async def test_port_in_use_is_one_line_and_leaves_no_process(tmp_path, pki):
     """Listen port taken: exit 1 with one line naming the address; no delivery process left."""
-    with socket.socket() as busy:
-        busy.bind(("127.0.0.1", 0))
-        busy.listen()
-        port = busy.getsockname()[1]
+    with taken_port() as port:
         env = serve_env(tmp_path / "spool", free_port(), pki.ca_file, listen_port=str(port))
         proc = ServeProcess(env)
         code = await proc.expect_exit()

@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import socket
 import urllib.error
 import urllib.request
 
-from conftest import Sink, eventually, free_port, message, start_sink, stop_sink, submit
+from conftest import (
+    Sink,
+    eventually,
+    free_port,
+    message,
+    start_sink,
+    stop_sink,
+    submit,
+    taken_port,
+)
 from proc import ServeProcess, serve_env
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -67,7 +75,7 @@ async def test_counters_follow_accept_defer_flush_deliver(tmp_path, pki):
             m = await scrape(port)
             return value(m, "relayd_messages_deferred_total") >= 2
 
-        await _until(deferred, "2 deferrals")
+        await eventually(deferred, what="2 deferrals")
         m = await scrape(port)
         assert value(m, "relayd_upstream_failures_total", step="connect") >= 1
         assert value(m, "relayd_queue_depth", state="queue") == 2
@@ -78,7 +86,7 @@ async def test_counters_follow_accept_defer_flush_deliver(tmp_path, pki):
             m = await scrape(port)
             return value(m, "relayd_queue_oldest_age_seconds") > first_age
 
-        await _until(older, "oldest age to grow")
+        await eventually(older, what="oldest age to grow")
         sink = await start_sink(Sink(), pki.server_ctx, port=upstream)
         proc.signal(signal.SIGUSR1)  # retry delay is 30 s: only the flush sends them now
 
@@ -88,7 +96,7 @@ async def test_counters_follow_accept_defer_flush_deliver(tmp_path, pki):
             done = value(m, "relayd_queue_depth", state="queue") == 0
             return value(m, "relayd_messages_delivered_total") == 2 and done
 
-        await _until(delivered, "2 deliveries")
+        await eventually(delivered, what="2 deliveries")
         m = await scrape(port)
         assert len(sink.messages) == 2
         assert value(m, "relayd_queue_depth", state="queue") == 0
@@ -118,7 +126,7 @@ async def test_permanent_refusal_counts_by_reply_class_and_failed_depth(tmp_path
                 and value(m, "relayd_messages_failed_total", reply_class="5xx") == 1
             )
 
-        await _until(failed, "failed depth 1 and failed{5xx} 1")
+        await eventually(failed, what="failed depth 1 and failed{5xx} 1")
         m = await scrape(port)
         assert value(m, "relayd_messages_delivered_total") == 0
     finally:
@@ -134,7 +142,7 @@ async def test_healthz_readyz_and_unknown_paths(tmp_path, pki):
         async def ready() -> bool:  # the endpoint starts just before READY
             return await asyncio.to_thread(_get, port, "/readyz") == (200, "ready\n")
 
-        await _until(ready, "/readyz 200")
+        await eventually(ready, what="/readyz 200")
         status, _ = await asyncio.to_thread(_get, port, "/nope")
         assert status == 404
     finally:
@@ -143,10 +151,7 @@ async def test_healthz_readyz_and_unknown_paths(tmp_path, pki):
 
 async def test_metrics_port_taken_is_one_line_not_a_traceback(tmp_path, pki):
     """A metrics.listen port already in use stops start-up with one line naming the key."""
-    with socket.socket() as busy:
-        busy.bind(("127.0.0.1", 0))
-        busy.listen()
-        taken = busy.getsockname()[1]
+    with taken_port() as taken:
         env = serve_env(
             tmp_path / "spool", free_port(), pki.ca_file, metrics_listen=f"127.0.0.1:{taken}"
         )
@@ -156,11 +161,3 @@ async def test_metrics_port_taken_is_one_line_not_a_traceback(tmp_path, pki):
     text = "\n".join(proc.raw)
     assert "metrics.listen: cannot listen on" in text
     assert "Traceback" not in text
-
-
-async def _until(pred, what: str, timeout: float = 10.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not await pred():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)

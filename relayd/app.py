@@ -28,7 +28,8 @@ from relayd.errors import ConfigError, RelaydError
 from relayd.notify import Notifier
 from relayd.relay import Deliverer, Outbox, Relay
 from relayd.server import Handler, Listener
-from relayd.spool import FAILED, QUEUE, Spool
+from relayd.spool import Spool
+from relayd.states import SpoolDir, TlsMode
 from relayd.upstream import Session
 from relayd.worker import WorkerRelay
 
@@ -129,10 +130,10 @@ class Daemon:
             log.warning(
                 "dev_mode",
                 detail="NOT relaying: every message is written to "
-                f"{self.spool.root / 'outbox'} instead of being sent",
+                f"{self.spool.root / SpoolDir.OUTBOX} instead of being sent",
             )
             return
-        if up.tls == "none":
+        if up.tls == TlsMode.NONE:
             log.warning(
                 "upstream.plaintext",
                 detail="upstream.tls is none: mail and credentials cross the network unencrypted",
@@ -240,10 +241,10 @@ class Daemon:
     async def _update_gauges(self) -> None:
         """Set the queue gauges from the relay's index (on the loop: it is not thread-safe)."""
         snap = self.relay.snapshot()
-        metrics.QUEUE_DEPTH.labels(state=QUEUE).set(snap["queued"])
+        metrics.QUEUE_DEPTH.labels(state=SpoolDir.QUEUE).set(snap["queued"])
         metrics.OLDEST_AGE.set(snap["oldest_age"])
-        self.failed_count = await asyncio.to_thread(_count, self.spool.root / FAILED)
-        metrics.QUEUE_DEPTH.labels(state=FAILED).set(self.failed_count)
+        self.failed_count = await asyncio.to_thread(_count, self.spool.root / SpoolDir.FAILED)
+        metrics.QUEUE_DEPTH.labels(state=SpoolDir.FAILED).set(self.failed_count)
 
     def _status(self) -> dict[str, Any]:
         """What `relayd health` reads: built on the loop, written by a thread."""

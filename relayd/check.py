@@ -17,7 +17,8 @@ from typing import Any
 from relayd import commands, logs
 from relayd.config import Config
 from relayd.errors import ConfigError, UpstreamError
-from relayd.upstream import DELIVERED, Session, StepTiming
+from relayd.states import OutcomeStatus
+from relayd.upstream import Session, StepTiming
 
 
 def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -122,11 +123,11 @@ async def _send_test(session: Session, cfg: Config, to: str, mail_from: str | No
     outcomes = await session.send(sender, [to], data)
     ms = (time.monotonic() - start) * 1000
     o = outcomes[0]
-    if o.status != DELIVERED:
+    if o.status != OutcomeStatus.DELIVERED:
         raise UpstreamError(
             f"test message refused: {o.code} {o.text}",
             step=o.step,
-            temporary=o.status != "permanent",
+            temporary=o.status != OutcomeStatus.PERMANENT,
             code=o.code,
             text=o.text,
             hint="the provider may require the sender to be your account: try --from",

@@ -16,6 +16,7 @@ from typing import Any
 from relayd.config import Config
 from relayd.errors import SpoolError
 from relayd.spool import Spool
+from relayd.states import SpoolDir
 
 
 def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -35,9 +36,9 @@ def config(args: argparse.Namespace) -> Config:
 def open_spool(cfg: Config) -> Spool:
     """The configured spool, which must exist (the daemon creates it at its first start)."""
     spool = Spool(cfg.spool.path)
-    if not (spool.root / "queue").is_dir():
+    if not (spool.root / SpoolDir.QUEUE).is_dir():
         raise SpoolError(f"no spool at {spool.root} (has `relayd serve` ever run with it?)")
-    if not os.access(spool.root / "queue", os.R_OK | os.X_OK):
+    if not os.access(spool.root / SpoolDir.QUEUE, os.R_OK | os.X_OK):
         raise SpoolError(f"cannot read {spool.root}: run as the user relayd runs as")
     return spool
 

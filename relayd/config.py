@@ -10,6 +10,7 @@ import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -17,13 +18,14 @@ import yaml
 
 from relayd import eventloop
 from relayd.errors import ConfigError
+from relayd.states import LogFormat, TlsMode
 
 DEFAULT_SPOOL = "/var/lib/relayd"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 @dataclass(frozen=True, slots=True)
-class Listen:
+class ListenConfig:
     host: str = "127.0.0.1"
     port: int = 1025
     hostname: str = "localhost"
@@ -37,15 +39,15 @@ class Listen:
 
 
 @dataclass(frozen=True, slots=True)
-class Spool:
+class SpoolConfig:
     path: str = DEFAULT_SPOOL
 
 
 @dataclass(frozen=True, slots=True)
-class Upstream:
+class UpstreamConfig:
     host: str = ""
     port: int = 465
-    tls: str = "implicit"
+    tls: TlsMode = TlsMode.IMPLICIT
     verify: bool = True
     ca_file: str = ""
     username: str = ""
@@ -58,25 +60,25 @@ class Upstream:
 
 
 @dataclass(frozen=True, slots=True)
-class Retry:
+class RetryConfig:
     initial_delay: float = 60.0
     max_delay: float = 3600.0
     max_age: float = 432_000.0  # 5 days, Postfix's maximal_queue_lifetime
 
 
 @dataclass(frozen=True, slots=True)
-class Log:
-    format: str = "json"
+class LogConfig:
+    format: LogFormat = LogFormat.JSON
     level: str = "info"
 
 
 @dataclass(frozen=True, slots=True)
-class Metrics:
+class MetricsConfig:
     listen: str = ""  # "host:port"; empty = no HTTP endpoint
 
 
 @dataclass(frozen=True, slots=True)
-class Relay:
+class RelayConfig:
     # Deliveries run in a second process over the same spool, so accepting and relaying each
     # get a CPU core; false keeps both on one event loop (one process, less memory).
     separate_process: bool = True
@@ -89,23 +91,23 @@ class Relay:
 
 @dataclass(frozen=True, slots=True)
 class Config:
-    listen: Listen = Listen()
-    spool: Spool = Spool()
-    upstream: Upstream = Upstream()
-    retry: Retry = Retry()
-    log: Log = Log()
-    metrics: Metrics = Metrics()
-    relay: Relay = Relay()
+    listen: ListenConfig = ListenConfig()
+    spool: SpoolConfig = SpoolConfig()
+    upstream: UpstreamConfig = UpstreamConfig()
+    retry: RetryConfig = RetryConfig()
+    log: LogConfig = LogConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    relay: RelayConfig = RelayConfig()
 
 
 SECTIONS: dict[str, type[Any]] = {
-    "listen": Listen,
-    "spool": Spool,
-    "upstream": Upstream,
-    "retry": Retry,
-    "log": Log,
-    "metrics": Metrics,
-    "relay": Relay,
+    "listen": ListenConfig,
+    "spool": SpoolConfig,
+    "upstream": UpstreamConfig,
+    "retry": RetryConfig,
+    "log": LogConfig,
+    "metrics": MetricsConfig,
+    "relay": RelayConfig,
 }
 
 
@@ -122,6 +124,7 @@ def from_json(doc: dict[str, Any]) -> Config:
         for key, value in values.items():
             if isinstance(value, list):
                 values[key] = tuple(value)
+            values[key] = _as_enum(getattr(cls(), key), values[key])
         sections[name] = cls(**values)
     return Config(**sections)
 
@@ -229,10 +232,17 @@ def _coerce(key: str, default: Any, value: Any) -> Any:
         return ""
     if isinstance(value, bool | dict | list):
         raise ConfigError(key, f"expected a string, got {value!r}")
-    return str(value)
+    return _as_enum(default, str(value))
 
 
-def _resolve_password(up: Upstream) -> Upstream:
+def _as_enum(default: Any, value: Any) -> Any:
+    """A known value of an enum-valued key as its member; anything else as is, for validate()."""
+    if isinstance(default, StrEnum) and value in tuple(type(default)):
+        return type(default)(value)
+    return value
+
+
+def _resolve_password(up: UpstreamConfig) -> UpstreamConfig:
     if up.password and up.password_file:
         raise ConfigError("upstream.password_file", "set either password or password_file")
     if not up.password_file:
@@ -279,7 +289,7 @@ def validate(cfg: Config) -> None:
     _check(bool(cfg.spool.path), "spool.path", "must not be empty")
     up = cfg.upstream
     _check(1 <= up.port <= 65535, "upstream.port", "must be 1..65535")
-    _check(up.tls in ("implicit", "starttls", "none"), "upstream.tls", "implicit|starttls|none")
+    _check(up.tls in tuple(TlsMode), "upstream.tls", "|".join(TlsMode))
     _check(up.timeout > 0, "upstream.timeout", "must be > 0")
     _check(up.max_connections >= 1, "upstream.max_connections", "must be >= 1")
     _check(up.max_messages_per_session >= 1, "upstream.max_messages_per_session", "must be >= 1")
@@ -291,7 +301,7 @@ def validate(cfg: Config) -> None:
     _check(rt.initial_delay > 0, "retry.initial_delay", "must be > 0")
     _check(rt.max_delay >= rt.initial_delay, "retry.max_delay", "must be >= initial_delay")
     _check(rt.max_age > 0, "retry.max_age", "must be > 0")
-    _check(cfg.log.format in ("json", "console"), "log.format", "json|console")
+    _check(cfg.log.format in tuple(LogFormat), "log.format", "|".join(LogFormat))
     _check(
         cfg.relay.event_loop in eventloop.CHOICES, "relay.event_loop", "|".join(eventloop.CHOICES)
     )

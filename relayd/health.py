@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from relayd.spool import TMP, Spool
+from relayd.spool import Spool
+from relayd.states import SpoolDir
 
 STATUS_FILE = "status.json"  # written by app.Daemon
 STALE_AFTER = 30.0  # seconds without a status update before the daemon counts as stuck
@@ -101,7 +102,7 @@ def _read_status(root: Path, pid: int) -> tuple[dict[str, Any], str]:
 
 def _probe_write(root: Path) -> str:
     """'' when a file can be created, written and removed in tmp/; else the reason."""
-    path = root / TMP / f"health.{os.getpid()}.probe"
+    path = root / SpoolDir.TMP / f"health.{os.getpid()}.probe"
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:

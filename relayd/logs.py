@@ -14,6 +14,8 @@ from typing import Any, TextIO
 
 import structlog
 
+from relayd.states import LogFormat
+
 _SECRETS: set[str] = set()
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
 _LEVELS["error"] = logging.ERROR
@@ -62,7 +64,7 @@ def _redactor(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMappin
     return event
 
 
-def setup(fmt: str = "json", level: str = "info", stream: TextIO | None = None) -> None:
+def setup(fmt: str = LogFormat.JSON, level: str = "info", stream: TextIO | None = None) -> None:
     """Configure structlog and the stdlib loggers libraries use; safe to call again on reload."""
     out = stream or sys.stderr
     lvl = _LEVELS.get(level, logging.INFO)
@@ -75,7 +77,7 @@ def setup(fmt: str = "json", level: str = "info", stream: TextIO | None = None) 
     ]
     renderer: Any = (
         structlog.processors.JSONRenderer()
-        if fmt == "json"
+        if fmt == LogFormat.JSON
         else structlog.dev.ConsoleRenderer(colors=False)
     )
     structlog.configure(

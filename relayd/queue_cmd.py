@@ -16,10 +16,11 @@ from typing import Any
 
 from relayd import commands
 from relayd.errors import RelaydError, SpoolError
-from relayd.spool import FAILED, QUEUE, Envelope, Spool, iso
+from relayd.spool import Envelope, Spool, iso
+from relayd.states import RcptState, SpoolDir
 
-STATES = {"queued": QUEUE, "failed": FAILED}
-NAMES = {QUEUE: "queued", FAILED: "failed"}
+STATES: dict[str, str] = {"queued": SpoolDir.QUEUE, "failed": SpoolDir.FAILED}
+NAMES: dict[str, str] = {SpoolDir.QUEUE: "queued", SpoolDir.FAILED: "failed"}
 
 
 def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -66,7 +67,7 @@ def record(env: Envelope, now: float, history: bool = False) -> dict[str, Any]:
         ],
         "size": env.size,
         "attempts": env.attempts,
-        "next_attempt_at": iso(env.next_attempt_at) if env.state == QUEUE else None,
+        "next_attempt_at": iso(env.next_attempt_at) if env.state == SpoolDir.QUEUE else None,
         "last_error": env.last_error,
         "reason": env.reason or None,
     }
@@ -76,7 +77,7 @@ def record(env: Envelope, now: float, history: bool = False) -> dict[str, Any]:
 
 
 def scan(spool: Spool, only: str | None) -> list[Envelope]:
-    states = [STATES[only]] if only else [QUEUE, FAILED]
+    states = [STATES[only]] if only else [SpoolDir.QUEUE, SpoolDir.FAILED]
     envs = [env for state in states for env in spool.scan(state)]
     return sorted(envs, key=lambda e: e.id)
 
@@ -123,19 +124,20 @@ def cmd_list(args: argparse.Namespace) -> int:
     width = shutil.get_terminal_size((120, 24)).columns
     rows = [_row(e, now) for e in envs]
     print(table(["ID", "STATE", "AGE", "TRIES", "NEXT", "SIZE", "FROM", "TO", "LAST"], rows, width))
-    queued = sum(e.state == QUEUE for e in envs)
+    queued = sum(e.state == SpoolDir.QUEUE for e in envs)
     print(f"{queued} queued, {len(envs) - queued} failed")
     return 0
 
 
 def _row(env: Envelope, now: float) -> list[str]:
-    if env.state == QUEUE:
+    if env.state == SpoolDir.QUEUE:
         wait = env.next_attempt_at - now
         nxt = "now" if wait <= 0 else f"in {ago(wait)}"
     else:
         nxt = "-"
     rcpts = ", ".join(
-        r.address if r.state == "pending" else f"{r.address} [{r.state}]" for r in env.rcpt_to
+        r.address if r.state == RcptState.PENDING else f"{r.address} [{r.state}]"
+        for r in env.rcpt_to
     )
     return [
         env.id.rsplit(".", 1)[-1],
@@ -146,7 +148,7 @@ def _row(env: Envelope, now: float) -> list[str]:
         size(env.size),
         env.mail_from or "<>",
         rcpts,
-        env.reason if env.state == FAILED else describe_error(env.last_error),
+        env.reason if env.state == SpoolDir.FAILED else describe_error(env.last_error),
     ]
 
 
@@ -208,7 +210,7 @@ def _show_lines(env: Envelope, now: float) -> list[str]:
         f"size:      {env.size} bytes",
         f"attempts:  {env.attempts}",
     ]
-    if env.state == QUEUE:
+    if env.state == SpoolDir.QUEUE:
         wait = env.next_attempt_at - now
         when = "now" if wait <= 0 else f"in {ago(wait)}"
         lines.append(f"next:      {iso(env.next_attempt_at)} ({when})")
@@ -269,7 +271,7 @@ def _retry(spool: Spool, ids: list[str], max_age: float) -> tuple[int, list[str]
 def cmd_retry(args: argparse.Namespace) -> int:
     cfg = commands.config(args)
     spool = commands.open_spool(cfg)
-    ids = _targets(spool, args.ids, args.all, (QUEUE, FAILED))
+    ids = _targets(spool, args.ids, args.all, (SpoolDir.QUEUE, SpoolDir.FAILED))
     done, missing = _retry(spool, ids, cfg.retry.max_age)
     return _report(spool, "retried", done, [] if args.all else missing)
 
@@ -277,7 +279,7 @@ def cmd_retry(args: argparse.Namespace) -> int:
 def cmd_flush(args: argparse.Namespace) -> int:
     cfg = commands.config(args)
     spool = commands.open_spool(cfg)
-    done, _ = _retry(spool, _targets(spool, [], True, (QUEUE,)), cfg.retry.max_age)
+    done, _ = _retry(spool, _targets(spool, [], True, (SpoolDir.QUEUE,)), cfg.retry.max_age)
     return _report(spool, "retried", done, [])
 
 
@@ -288,7 +290,7 @@ def cmd_delete(args: argparse.Namespace) -> int:
         raise RelaydError("give ids or --failed/--all, not both")
     if bulk and not args.yes:
         raise RelaydError("bulk delete needs --yes (nothing was deleted)")
-    states = (FAILED,) if args.failed else (QUEUE, FAILED)
+    states = (SpoolDir.FAILED,) if args.failed else (SpoolDir.QUEUE, SpoolDir.FAILED)
     ids = _targets(spool, args.ids, bulk, states)
     done, missing = 0, []
     for msg_id in ids:

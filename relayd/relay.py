@@ -21,8 +21,9 @@ import structlog
 from relayd import metrics
 from relayd.config import Config
 from relayd.errors import SpoolError, UpstreamError
-from relayd.spool import DELIVERED, QUEUE, REFUSED, Envelope, Recipient, Spool
-from relayd.upstream import PERMANENT, TEMPORARY, Outcome
+from relayd.spool import Envelope, Recipient, Spool
+from relayd.states import OutcomeStatus, RcptState, SpoolDir
+from relayd.upstream import Outcome
 
 log = structlog.get_logger()
 
@@ -119,7 +120,8 @@ class Relay:
         # envelopes at once took ~180 MiB at start-up.
         rows = await asyncio.to_thread(
             lambda: [
-                (e.next_attempt_at, e.id, e.created_at) for e in self.spool.scan(QUEUE, repair=True)
+                (e.next_attempt_at, e.id, e.created_at)
+                for e in self.spool.scan(SpoolDir.QUEUE, repair=True)
             ]
         )
         self.due = {i: t for i, t in self.due.items() if i in self.inflight}
@@ -294,7 +296,10 @@ class Relay:
     async def _defer(self, env: Envelope, err: UpstreamError, bound: Any) -> None:
         text = err.text or str(err)
         error = {"step": err.step, "code": err.code, "text": text}
-        outcomes = [Outcome(r.address, TEMPORARY, err.code, text, err.step) for r in env.pending]
+        outcomes = [
+            Outcome(r.address, OutcomeStatus.TEMPORARY, err.code, text, err.step)
+            for r in env.pending
+        ]
         self.consecutive_failures += 1
         self.last_error = {**error, "at": self.clock()}
         if err.step == "auth":
@@ -307,34 +312,35 @@ class Relay:
         now = self.clock()
         by_addr = {o.address: o for o in outcomes}
         rcpts = tuple(_updated(r, by_addr.get(r.address)) for r in env.rcpt_to)
-        temporary = [o for o in outcomes if o.status == TEMPORARY]
+        temporary = [o for o in outcomes if o.status == OutcomeStatus.TEMPORARY]
         worst = (
             temporary[0]
             if temporary
             else next(
-                (o for o in outcomes if o.status == PERMANENT), outcomes[0] if outcomes else None
+                (o for o in outcomes if o.status == OutcomeStatus.PERMANENT),
+                outcomes[0] if outcomes else None,
             )
         )
         result = (
             "sent"
-            if not temporary and all(r.state == DELIVERED for r in rcpts)
+            if not temporary and all(r.state == RcptState.DELIVERED for r in rcpts)
             else ("deferred" if temporary else "failed")
         )
-        delivered = [o for o in outcomes if o.status == "delivered"]
+        delivered = [o for o in outcomes if o.status == OutcomeStatus.DELIVERED]
         if delivered:
             self.consecutive_failures = 0 if not temporary else self.consecutive_failures
             self.last_delivery_at = now
             metrics.DELIVERED.inc(len(delivered))
             bound.info("delivery.sent", code=delivered[0].code, recipients=len(delivered))
         for o in outcomes:
-            if o.status == PERMANENT:
+            if o.status == OutcomeStatus.PERMANENT:
                 metrics.FAILED.labels(reply_class=_reply_class(o.code)).inc()
                 bound.warning(
                     "delivery.refused", rcpt=o.address, code=o.code, text=o.text, step=o.step
                 )
         if result == "sent":
             # Gone from the spool: no history entry to write (the common case, kept short).
-            await asyncio.to_thread(self.spool.remove, env.id, QUEUE, False)
+            await asyncio.to_thread(self.spool.remove, env.id, SpoolDir.QUEUE, False)
             self.forget(env.id)
             return
         entry = {"at": now, "attempt": env.attempts + 1, "result": result}
@@ -346,7 +352,7 @@ class Relay:
             attempts=env.attempts + 1,
             history=(*env.history, _iso_entry(entry))[-HISTORY_LIMIT:],
         )
-        if worst is not None and worst.status != "delivered":
+        if worst is not None and worst.status != OutcomeStatus.DELIVERED:
             env = dataclasses.replace(
                 env,
                 last_error=_iso_entry(
@@ -394,7 +400,7 @@ class Relay:
     async def _finish(self, env: Envelope, how: str, reason: str) -> None:
         env = dataclasses.replace(env, reason=reason)
         try:
-            await asyncio.to_thread(self.spool.move, env, "failed")
+            await asyncio.to_thread(self.spool.move, env, SpoolDir.FAILED)
         except SpoolError:
             self.forget(env.id)  # deleted by an operator during the attempt
             return
@@ -405,14 +411,17 @@ class Relay:
 
 
 def _updated(r: Recipient, o: Outcome | None) -> Recipient:
-    if o is None or r.state != "pending":
+    if o is None or r.state != RcptState.PENDING:
         return r
-    state = {"delivered": DELIVERED, PERMANENT: REFUSED}.get(o.status, "pending")
+    state = {
+        OutcomeStatus.DELIVERED: RcptState.DELIVERED,
+        OutcomeStatus.PERMANENT: RcptState.REFUSED,
+    }.get(o.status, RcptState.PENDING)
     return Recipient(r.address, state, o.code, o.text)
 
 
 def _refusal_reason(env: Envelope) -> str:
-    refused = [r for r in env.rcpt_to if r.state == REFUSED]
+    refused = [r for r in env.rcpt_to if r.state == RcptState.REFUSED]
     return "; ".join(f"{r.address}: {r.code} {r.reply}" for r in refused)
 
 
@@ -448,7 +457,9 @@ class Outbox:
         head = f"Return-Path: <{mail_from}>\r\nX-Original-To: {', '.join(rcpt_to)}\r\n"
         path = await asyncio.to_thread(self.spool.deliver_to_outbox, stub, head.encode() + data)
         self.sent += 1
-        return [Outcome(a, "delivered", 250, f"written to {path}", "data") for a in rcpt_to]
+        return [
+            Outcome(a, OutcomeStatus.DELIVERED, 250, f"written to {path}", "data") for a in rcpt_to
+        ]
 
     async def close(self) -> None:
         return None

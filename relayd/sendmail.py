@@ -25,6 +25,7 @@ from relayd.config import Config
 from relayd.errors import ConfigError, RelaydError, SpoolError
 from relayd.server import add_missing_headers
 from relayd.spool import Spool
+from relayd.states import LogFormat
 
 EX_OK, EX_USAGE, EX_DATAERR, EX_NOUSER, EX_TEMPFAIL, EX_CONFIG = 0, 64, 65, 67, 75, 78
 SUBMIT_TIMEOUT = 60.0
@@ -105,7 +106,7 @@ def _run(args: argparse.Namespace) -> int:
     rcpts = list(dict.fromkeys(a for a in rcpts if a))
     if not rcpts:
         raise UsageError("no recipients (give addresses, or -t to read To/Cc/Bcc)")
-    logs.setup("console", "warning")
+    logs.setup(LogFormat.CONSOLE, "warning")
     cfg = commands.config(args)
     sender = args.sender.strip("<>") if args.sender is not None else default_sender(cfg)
     data = complete_headers(data, sender, args.fullname)

@@ -19,7 +19,7 @@ import structlog
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, LoginPassword, Session, syntax
 
 from relayd import auth, metrics
-from relayd.config import Listen, is_loopback
+from relayd.config import ListenConfig, is_loopback
 from relayd.errors import SpoolError
 from relayd.spool import Envelope as Queued
 from relayd.spool import Spool, is_enospc
@@ -88,7 +88,7 @@ class Handler:
 
     def __init__(
         self,
-        cfg: Listen,
+        cfg: ListenConfig,
         spool: Spool,
         on_accepted: Callable[[Queued], None],
         clock: Callable[[], float] = time.time,
@@ -233,7 +233,7 @@ def _peer(session: Session) -> str:
 class Listener:
     """The listening socket and its sessions; start() binds, stop() drains then closes."""
 
-    def __init__(self, cfg: Listen, handler: Handler) -> None:
+    def __init__(self, cfg: ListenConfig, handler: Handler) -> None:
         self.cfg = cfg
         self.handler = handler
         self.sessions: set[SMTP] = set()

@@ -39,11 +39,10 @@ from typing import Any
 import structlog
 
 from relayd.errors import SpoolError
+from relayd.states import RcptState, SpoolDir
 
 log = structlog.get_logger()
 
-QUEUE, FAILED, TMP, CORRUPT, OUTBOX = "queue", "failed", "tmp", "corrupt", "outbox"
-PENDING, DELIVERED, REFUSED = "pending", "delivered", "failed"
 HISTORY_LIMIT = 20
 # The first line of every .eml relayd writes; never sent upstream. An .eml without it (written
 # by an older relayd, always next to its .json) is the message alone.
@@ -68,7 +67,7 @@ def parse_iso(text: str) -> float:
 @dataclass(frozen=True, slots=True)
 class Recipient:
     address: str
-    state: str = PENDING
+    state: str = RcptState.PENDING
     code: int | None = None
     reply: str = ""
 
@@ -87,11 +86,11 @@ class Envelope:
     last_error: dict[str, Any] | None = None
     history: tuple[dict[str, Any], ...] = ()
     reason: str = ""
-    state: str = field(default=QUEUE, compare=False)
+    state: str = field(default=SpoolDir.QUEUE, compare=False)
 
     @property
     def pending(self) -> tuple[Recipient, ...]:
-        return tuple(r for r in self.rcpt_to if r.state == PENDING)
+        return tuple(r for r in self.rcpt_to if r.state == RcptState.PENDING)
 
     def to_json(self) -> dict[str, Any]:
         doc: dict[str, Any] = {
@@ -110,7 +109,7 @@ class Envelope:
         return doc
 
     @classmethod
-    def from_json(cls, doc: dict[str, Any], state: str = QUEUE) -> Envelope:
+    def from_json(cls, doc: dict[str, Any], state: str = SpoolDir.QUEUE) -> Envelope:
         try:
             rcpts = tuple(
                 Recipient(
@@ -159,11 +158,14 @@ class Spool:
         """Create the directories with mode 0700 (and warn if an existing one is wider)."""
         try:
             self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
-            for sub in (QUEUE, FAILED, TMP, CORRUPT):
+            for sub in (SpoolDir.QUEUE, SpoolDir.FAILED, SpoolDir.TMP, SpoolDir.CORRUPT):
                 (self.root / sub).mkdir(mode=0o700, exist_ok=True)
         except OSError as exc:
             raise SpoolError(f"cannot create spool {self.root}: {exc.strerror}") from None
-        for d in (self.root, *(self.root / s for s in (QUEUE, FAILED, TMP))):
+        for d in (
+            self.root,
+            *(self.root / s for s in (SpoolDir.QUEUE, SpoolDir.FAILED, SpoolDir.TMP)),
+        ):
             mode = d.stat().st_mode & 0o777
             if mode & 0o077:
                 log.warning("spool.mode_too_open", path=str(d), mode=oct(mode))
@@ -251,7 +253,7 @@ class Spool:
         with self._id_lock:
             self._tmp_seq += 1
             name = f"{self._tmp_prefix}.{self._tmp_seq}.tmp"
-        tmp = self.root / TMP / name
+        tmp = self.root / SpoolDir.TMP / name
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             for data in parts:  # not joined: a 25 MiB message is not copied to prepend a line
@@ -311,12 +313,12 @@ class Spool:
         tmp: Path | None = None
         try:
             tmp = self._write_tmp(_header(env), data)
-            self._place(tmp, self.path(QUEUE, env.id, "eml"))
+            self._place(tmp, self.path(SpoolDir.QUEUE, env.id, "eml"))
             tmp = None
-            self._sync_dir(QUEUE)
+            self._sync_dir(SpoolDir.QUEUE)
         except OSError as exc:
             with contextlib.suppress(OSError):
-                (tmp or self.path(QUEUE, env.id, "eml")).unlink()
+                (tmp or self.path(SpoolDir.QUEUE, env.id, "eml")).unlink()
             raise SpoolError(
                 f"cannot write message: {os.strerror(exc.errno or errno.EIO)}"
             ) from exc
@@ -333,7 +335,7 @@ class Spool:
             self._place(tmp, self.path(env.state, env.id, "json"))
         self._sync_dir(env.state)
 
-    def remove(self, msg_id: str, state: str = QUEUE, durable: bool = True) -> bool:
+    def remove(self, msg_id: str, state: str = SpoolDir.QUEUE, durable: bool = True) -> bool:
         """Delete a message (the .eml first: without it a leftover .json is no message).
 
         durable=False skips the directory fsync: after a delivery, a power cut that undoes
@@ -382,16 +384,18 @@ class Spool:
         """
         with self.editing(exclusive=True):
             env = self.find(msg_id)
-            if env.state == QUEUE:
+            if env.state == SpoolDir.QUEUE:
                 env = dataclasses.replace(env, next_attempt_at=now)
                 self.save(env)
                 return env
-            rcpts = tuple(Recipient(r.address) if r.state == REFUSED else r for r in env.rcpt_to)
+            rcpts = tuple(
+                Recipient(r.address) if r.state == RcptState.REFUSED else r for r in env.rcpt_to
+            )
             created = now if now - env.created_at > max_age else env.created_at
             env = dataclasses.replace(
                 env, rcpt_to=rcpts, next_attempt_at=now, reason="", created_at=created
             )
-            return self.move(env, QUEUE)
+            return self.move(env, SpoolDir.QUEUE)
 
     def delete(self, msg_id: str) -> Envelope:
         """Remove a queued or failed message for good (SpoolError if there is none)."""
@@ -402,7 +406,7 @@ class Spool:
 
     # -- reads -------------------------------------------------------------------------------
 
-    def load(self, msg_id: str, state: str = QUEUE) -> Envelope:
+    def load(self, msg_id: str, state: str = SpoolDir.QUEUE) -> Envelope:
         """A message's envelope: its .json if it has one, else the first line of its .eml."""
         # Plain str paths: pathlib's per-call parsing was a third of a 100,000-message scan.
         prefix = os.path.join(self.root, state, msg_id)
@@ -413,7 +417,7 @@ class Spool:
             raise SpoolError(f"no envelope for message {msg_id}")
         return env
 
-    def load_message(self, msg_id: str, state: str = QUEUE) -> tuple[Envelope, bytes]:
+    def load_message(self, msg_id: str, state: str = SpoolDir.QUEUE) -> tuple[Envelope, bytes]:
         """Envelope and message bytes, reading the .eml once (what a delivery needs)."""
         prefix = os.path.join(self.root, state, msg_id)
         env = self._load_json(prefix + ".json", msg_id, state)
@@ -461,7 +465,7 @@ class Spool:
 
     def find(self, msg_id: str) -> Envelope:
         """Load a message from queue/ or failed/."""
-        for state in (QUEUE, FAILED):
+        for state in (SpoolDir.QUEUE, SpoolDir.FAILED):
             if self.path(state, msg_id, "eml").exists():
                 return self.load(msg_id, state)
         raise SpoolError(f"no such message: {msg_id}")
@@ -472,7 +476,7 @@ class Spool:
             os.path.join(self.root, env.state, env.id + ".eml"), env.id, env.state, body=True
         )[1]
 
-    def scan(self, state: str = QUEUE, repair: bool = False) -> Iterator[Envelope]:
+    def scan(self, state: str = SpoolDir.QUEUE, repair: bool = False) -> Iterator[Envelope]:
         """Yield every readable envelope in a state directory, oldest first.
 
         With repair (only the daemon, at start-up, holding the lock), orphans and corrupt
@@ -549,7 +553,7 @@ class Spool:
 
     def _repair_half(self, state: str, stem: str) -> None:
         """A .json without its .eml: an interrupted move() or remove(), or damage."""
-        other = FAILED if state == QUEUE else QUEUE
+        other = SpoolDir.FAILED if state == SpoolDir.QUEUE else SpoolDir.QUEUE
         if self.path(other, stem, "eml").exists() and self.path(other, stem, "json").exists():
             # An interrupted move(): the eml already went to `other`, whose json is the newer.
             self.path(state, stem, "json").unlink()
@@ -558,7 +562,7 @@ class Spool:
         self._quarantine(self.path(state, stem, "json"), "envelope without message")
 
     def _quarantine(self, path: Path, reason: str) -> None:
-        target = self.root / CORRUPT / path.name
+        target = self.root / SpoolDir.CORRUPT / path.name
         try:
             os.rename(path, target)
         except OSError as exc:
@@ -569,7 +573,7 @@ class Spool:
     def sweep_tmp(self) -> int:
         """Remove partial writes left by a crash; returns how many."""
         count = 0
-        for entry in os.scandir(self.root / TMP):
+        for entry in os.scandir(self.root / SpoolDir.TMP):
             with contextlib.suppress(OSError):
                 os.unlink(entry.path)
                 count += 1
@@ -579,11 +583,11 @@ class Spool:
 
     def deliver_to_outbox(self, env: Envelope, data: bytes) -> Path:
         """--dev delivery: write the message as <spool>/outbox/<id>.eml."""
-        (self.root / OUTBOX).mkdir(mode=0o700, exist_ok=True)
+        (self.root / SpoolDir.OUTBOX).mkdir(mode=0o700, exist_ok=True)
         tmp = self._write_tmp(data)
-        target = self.path(OUTBOX, env.id, "eml")
+        target = self.path(SpoolDir.OUTBOX, env.id, "eml")
         self._place(tmp, target)
-        self._sync_dir(OUTBOX)
+        self._sync_dir(SpoolDir.OUTBOX)
         return target
 
 

@@ -20,13 +20,11 @@ from typing import Any
 import aiosmtplib
 import structlog
 
-from relayd.config import Upstream
+from relayd.config import UpstreamConfig
 from relayd.errors import UpstreamError
+from relayd.states import OutcomeStatus, TlsMode
 
 log = structlog.get_logger()
-
-DELIVERED, TEMPORARY, PERMANENT = "delivered", "temporary", "permanent"
-
 
 DATA_CHUNK = 256 * 1024  # bytes written per flow-controlled step of a message body
 
@@ -53,7 +51,7 @@ class Outcome:
     """What the upstream said about one recipient of one message."""
 
     address: str
-    status: str  # delivered | temporary | permanent
+    status: OutcomeStatus
     code: int | None
     text: str
     step: str
@@ -66,7 +64,7 @@ class StepTiming:
     detail: dict[str, Any] = field(default_factory=dict)
 
 
-def tls_context(cfg: Upstream) -> ssl.SSLContext:
+def tls_context(cfg: UpstreamConfig) -> ssl.SSLContext:
     """System trust store plus ca_file; hostname checks on unless verify is false.
 
     Built once per (ca_file and its mtime, verify) and shared by every session: loading the
@@ -87,10 +85,10 @@ def _tls_context(ca_file: str, mtime: int, verify: bool) -> ssl.SSLContext:
     return ctx
 
 
-def _classify(code: int | None) -> str:
+def _classify(code: int | None) -> OutcomeStatus:
     if code is not None and 500 <= code < 600:
-        return PERMANENT
-    return TEMPORARY
+        return OutcomeStatus.PERMANENT
+    return OutcomeStatus.TEMPORARY
 
 
 def auth_hint(host: str, code: int | None, text: str) -> str:
@@ -106,7 +104,7 @@ def auth_hint(host: str, code: int | None, text: str) -> str:
     return "check upstream.username and the password (file); the provider refused them"
 
 
-def tls_hint(cfg: Upstream, exc: BaseException) -> str:
+def tls_hint(cfg: UpstreamConfig, exc: BaseException) -> str:
     if isinstance(exc, ssl.SSLCertVerificationError):
         why = exc.verify_message or str(exc)
         if "hostname" in why.lower() or "ip address mismatch" in why.lower():
@@ -115,11 +113,11 @@ def tls_hint(cfg: Upstream, exc: BaseException) -> str:
     if isinstance(exc, ConnectionResetError | ConnectionAbortedError | EOFError) or (
         isinstance(exc, ssl.SSLError) and "WRONG_VERSION_NUMBER" in str(exc)
     ):
-        if cfg.tls == "implicit" and cfg.port in (587, 25):
+        if cfg.tls == TlsMode.IMPLICIT and cfg.port in (587, 25):
             return f"port {cfg.port} speaks plain SMTP first: use port 465 or tls: starttls"
-        if cfg.tls == "implicit":
+        if cfg.tls == TlsMode.IMPLICIT:
             return "reset during the TLS handshake: is this port really implicit TLS (465)?"
-        if cfg.tls == "starttls":
+        if cfg.tls == TlsMode.STARTTLS:
             return (
                 "reset during the STARTTLS handshake (often a firewall or middlebox on "
                 f"port {cfg.port}): try tls: implicit on port 465"
@@ -135,7 +133,7 @@ def tls_hint(cfg: Upstream, exc: BaseException) -> str:
 class Session:
     """A logged-in connection; call open(), then send() for each message, then close()."""
 
-    def __init__(self, cfg: Upstream, local_hostname: str) -> None:
+    def __init__(self, cfg: UpstreamConfig, local_hostname: str) -> None:
         self.cfg = cfg
         self.local_hostname = local_hostname
         self.smtp: aiosmtplib.SMTP | None = None
@@ -160,23 +158,25 @@ class Session:
         """Connect, handshake, EHLO and AUTH; raise UpstreamError naming the failed step."""
         cfg = self.cfg
         sock = await self._connect_tcp()
-        ctx = tls_context(cfg) if cfg.tls != "none" else None
+        ctx = tls_context(cfg) if cfg.tls != TlsMode.NONE else None
         smtp = aiosmtplib.SMTP(
             hostname=cfg.host,  # with sock=, only used for SNI and certificate checks
             sock=sock,
-            use_tls=cfg.tls == "implicit",
+            use_tls=cfg.tls == TlsMode.IMPLICIT,
             start_tls=False,
-            tls_context=ctx if cfg.tls == "implicit" else None,
+            tls_context=ctx if cfg.tls == TlsMode.IMPLICIT else None,
             local_hostname=self.local_hostname,
             timeout=cfg.timeout,
         )
         self.smtp = smtp
         try:
-            await self._step("tls" if cfg.tls == "implicit" else "banner", self._handshake(smtp))
-            if cfg.tls == "implicit":
+            await self._step(
+                "tls" if cfg.tls == TlsMode.IMPLICIT else "banner", self._handshake(smtp)
+            )
+            if cfg.tls == TlsMode.IMPLICIT:
                 self.timings[-1].detail.update(tls_details(smtp))
             await self._ehlo(smtp)
-            if cfg.tls == "starttls":
+            if cfg.tls == TlsMode.STARTTLS:
                 await self._starttls(smtp, ctx)
             if cfg.username:
                 reply = await self._step("auth", self._login(smtp))
@@ -236,12 +236,12 @@ class Session:
         try:
             await smtp.connect()
         except aiosmtplib.SMTPConnectResponseError as exc:
-            temporary = _classify(exc.code) == TEMPORARY or exc.code == 554
+            temporary = _classify(exc.code) == OutcomeStatus.TEMPORARY or exc.code == 554
             raise _refused("greeting refused", "connect", exc, temporary=temporary) from exc
         except (aiosmtplib.SMTPException, OSError) as exc:
             cause = exc.__cause__ if exc.__cause__ is not None else exc
             banner = "server ready" in str(exc) or isinstance(cause, aiosmtplib.SMTPException)
-            if cfg.tls != "implicit" or banner:
+            if cfg.tls != TlsMode.IMPLICIT or banner:
                 raise UpstreamError(
                     f"no greeting from {cfg.host}:{cfg.port}: {cause}",
                     step="connect",
@@ -346,7 +346,7 @@ class Session:
                 step=step,
                 temporary=True,
             ) from exc
-        status = DELIVERED if reply.code == 250 else _classify(reply.code)
+        status = OutcomeStatus.DELIVERED if reply.code == 250 else _classify(reply.code)
         return refused + [Outcome(a, status, reply.code, reply.message, "data") for a in accepted]
 
     def _mail_options(self, mail_from: str, rcpt_to: list[str], data: bytes) -> list[bytes]:

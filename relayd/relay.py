@@ -116,8 +116,7 @@ class Relay:
 
     async def load(self) -> int:
         """Rebuild the index from queue/ (start-up and after CLI edits); returns the depth."""
-        # Only what the index needs is kept from each envelope: holding 100,000 parsed
-        # envelopes at once took ~180 MiB at start-up.
+        # Only what the index needs is kept per envelope: docs/benchmarks.md#start-up-scan
         rows = await asyncio.to_thread(
             lambda: [
                 (e.next_attempt_at, e.id, e.created_at)

@@ -23,7 +23,7 @@ from typing import Any, NoReturn
 from relayd import commands, logs
 from relayd.config import Config
 from relayd.errors import ConfigError, RelaydError, SpoolError
-from relayd.server import add_missing_headers
+from relayd.message import add_missing_headers
 from relayd.spool import Spool
 from relayd.states import LogFormat
 
@@ -158,7 +158,7 @@ def strip_headers(data: bytes, names: tuple[bytes, ...]) -> bytes:
 def complete_headers(data: bytes, sender: str, fullname: str | None) -> bytes:
     """Add From (with -F's name) when the message lacks it.
 
-    Date and Message-ID are the listener's job (server.add_missing_headers), and the
+    Date and Message-ID are the listener's job (message.add_missing_headers), and the
     maildrop path calls the same function, so both ways in add them alike.
     """
     head, _ = _split(data)

@@ -11,9 +11,8 @@ Layout (every directory 0700, every file 0600)::
 Durability (RFC 5321 §6.1: after 250 the message is ours): a file is written in tmp/,
 fsynced, renamed into place, and the target directory is fsynced, so the rename itself survives
 a power cut. A new message is one file: its envelope is the first line of the .eml, so the
-rename of that one file is the commit point. (Two files per message cost a second inode per
-message; on an ext4 without journal, inode allocation scans past every inode freed in the last
-minute, and with two files per message that scan was a quarter of the listener's CPU.)
+rename of that one file is the commit point (one inode per message: see
+docs/benchmarks.md#one-file-per-new-message).
 Directory fsyncs of concurrent writers are shared (group commit): a writer whose rename an
 fsync already covered does not issue another.
 """
@@ -57,8 +56,7 @@ def iso(ts: float) -> str:
 
 def parse_iso(text: str) -> float:
     """'2026-11-30T05:14:00.123456Z' -> seconds since the epoch (ValueError if malformed)."""
-    # fromisoformat is C and ~20x faster than strptime: with 100,000 queued messages, two
-    # strptime calls per envelope were half of the start-up scan.
+    # fromisoformat, not strptime: docs/benchmarks.md#start-up-scan
     if not (len(text) == 27 and text[-1] == "Z"):
         raise ValueError(f"not a spool timestamp: {text!r}")
     return datetime.fromisoformat(text).timestamp()
@@ -495,8 +493,7 @@ class Spool:
             names = os.listdir(directory)
         except OSError as exc:
             raise SpoolError(f"cannot list {directory}: {exc.strerror}") from None
-        # Two flat sets, not a set per message: with 100,000 queued the per-stem sets were
-        # ~20 MiB of the start-up peak.
+        # Two flat sets, not a set per message: docs/benchmarks.md#start-up-scan
         jsons: set[str] = set()
         emls: set[str] = set()
         for name in names:
@@ -536,8 +533,7 @@ class Spool:
 
     def _check_owner_and_mode(self, state: str, stem: str, has_json: bool) -> None:
         """Report files another user owns and tighten modes wider than 0600 (mail is private)."""
-        # str paths and os.stat: this runs for every queued file at start-up, and pathlib's
-        # parsing made it 40 % of a 100,000-message scan.
+        # str paths and os.stat, not pathlib: docs/benchmarks.md#start-up-scan
         prefix = os.path.join(self.root, state, stem)
         for ext in ("eml", "json") if has_json else ("eml",):
             path = f"{prefix}.{ext}"

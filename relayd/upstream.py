@@ -13,37 +13,18 @@ import os
 import socket
 import ssl
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiosmtplib
 import structlog
 
+from relayd.aiosmtplib_fence import crlf_clean, stream_body, streamable
 from relayd.config import UpstreamConfig
 from relayd.errors import UpstreamError
 from relayd.states import OutcomeStatus, TlsMode
 
 log = structlog.get_logger()
-
-DATA_CHUNK = 256 * 1024  # bytes written per flow-controlled step of a message body
-
-
-def crlf_clean(message: bytes) -> bool:
-    """Every line ends CRLF and there is no bare CR or LF: true of mail spooled from SMTP."""
-    crlf = message.count(b"\r\n")
-    return message.count(b"\n") == crlf == message.count(b"\r") and message.endswith(b"\r\n")
-
-
-def stuffed_chunks(message: bytes, size: int = DATA_CHUNK) -> Iterator[bytes]:
-    """A CRLF-clean message in pieces that end at line ends, each dot-stuffed (RFC 5321 §4.5.2)."""
-    start = 0
-    while start < len(message):
-        end = message.find(b"\r\n", start + size)
-        end = len(message) if end < 0 else end + 2
-        piece = message[start:end].replace(b"\r\n.", b"\r\n..")
-        yield b"." + piece if piece[:1] == b"." else piece
-        start = end
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,8 +48,8 @@ class StepTiming:
 def tls_context(cfg: UpstreamConfig) -> ssl.SSLContext:
     """System trust store plus ca_file; hostname checks on unless verify is false.
 
-    Built once per (ca_file and its mtime, verify) and shared by every session: loading the
-    system store costs ~5 ms of CPU, which a burst paid again for every upstream session.
+    Built once per (ca_file and its mtime, verify) and shared by every session, because loading
+    the system store is costly (docs/benchmarks.md#upstream-sessions).
     """
     mtime = os.stat(cfg.ca_file).st_mtime_ns if cfg.ca_file else 0
     return _tls_context(cfg.ca_file, mtime, cfg.verify)
@@ -379,8 +360,7 @@ class Session:
         return refused, accepted
 
     async def _data(self, smtp: aiosmtplib.SMTP, data: bytes) -> aiosmtplib.SMTPResponse:
-        proto = smtp.protocol
-        if not crlf_clean(data) or not all(hasattr(proto, a) for a in _STREAM_API):
+        if not crlf_clean(data) or not streamable(smtp):
             try:  # the library's path: it normalises line endings first
                 return await smtp.data(data)
             except aiosmtplib.SMTPDataError as exc:
@@ -388,35 +368,7 @@ class Session:
         start = await smtp.execute_command(b"DATA")
         if start.code != 354:
             return start
-        return await self._stream_body(proto, data)
-
-    async def _stream_body(self, proto: Any, data: bytes) -> aiosmtplib.SMTPResponse:
-        """Write the body in flow-controlled pieces, then read the reply to the final dot.
-
-        aiosmtplib's data() builds the whole stuffed message and hands it to TLS at once:
-        a 25 MiB message was held four times over (message, stuffed copy, copy with the
-        final dot, ciphertext). Here at most one piece is in flight beyond the message.
-        """
-        async with proto._command_lock:
-            proto._response_pending = True  # the reply to the final dot is expected
-            last = b""
-            for piece in stuffed_chunks(data):
-                if last:
-                    await self._write_piece(proto, last)
-                last = piece
-            # The final dot rides with the last piece: one TLS record and one segment per
-            # message fewer than writing it on its own.
-            await self._write_piece(proto, last + b".\r\n")
-            reply: aiosmtplib.SMTPResponse = await proto.read_response(timeout=self.cfg.timeout)
-            return reply
-
-    async def _write_piece(self, proto: Any, piece: bytes) -> None:
-        proto.write(piece)
-        try:
-            async with asyncio.timeout(self.cfg.timeout):
-                await proto._drain_helper()
-        except TimeoutError:
-            raise aiosmtplib.SMTPTimeoutError("timed out sending DATA") from None
+        return await stream_body(smtp, data, self.cfg.timeout)
 
     async def close(self) -> None:
         """QUIT politely (bounded by the timeout), then drop the connection."""
@@ -451,11 +403,6 @@ def tls_details(smtp: aiosmtplib.SMTP) -> dict[str, Any]:
         "expires_at": ssl.cert_time_to_seconds(str(expires)) if expires else None,
         "verified": obj.context.verify_mode == ssl.CERT_REQUIRED,
     }
-
-
-# aiosmtplib protocol members the streaming DATA path relies on (see Session._stream_body);
-# without them relayd uses the library's data().
-_STREAM_API = ("_command_lock", "_response_pending", "_drain_helper", "write", "read_response")
 
 
 def _refused(

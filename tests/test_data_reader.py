@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from relayd.server import LINE_LIMIT, R_DATA_TOO_BIG, R_LINE_TOO_LONG, read_data
+from relayd.aiosmtpd_fence import LINE_LIMIT, R_DATA_TOO_BIG, R_LINE_TOO_LONG, read_data
 
 
 async def feed(*pieces: bytes, limit: int | None = 10_000) -> tuple[bytes, str, bytes]:
@@ -72,7 +72,7 @@ async def test_line_over_the_line_limit_is_refused():
 @pytest.mark.parametrize("kind", [bytes, bytearray])
 def test_missing_headers_are_prepended_once(kind):
     """Date and Message-ID are added only when absent, for received buffers and bytes alike."""
-    from relayd.server import add_missing_headers
+    from relayd.message import add_missing_headers
 
     bare = kind(b"Subject: x\r\n\r\nbody\r\n")
     out = bytes(add_missing_headers(bare, "ID1", "relay.test", 0.0))

@@ -1,0 +1,186 @@
+"""Fence: every use relayd makes of aiosmtpd's private members, and its overrides of them.
+
+aiosmtpd (>=1.4.6, <2) gives no public hook for what relayd changes here; each change is kept
+here so that an aiosmtpd upgrade is checked in one place. The private members relied on are in
+PRIVATE_MEMBERS (of aiosmtpd.smtp.SMTP):
+
+- ``_reader``, ``_set_post_data_state``, ``_call_handler_hook``: smtp_DATA reads the body in bulk
+  (read_data) and then runs aiosmtpd's own DATA hook and state reset.
+- ``_getaddr``: a fast path for a plain ``<local@domain>`` in MAIL/RCPT.
+- ``_authenticate``, ``_authenticator``: the users-file check runs in a thread, not on the loop.
+- ``__dir__`` of the session and the handler: aiosmtpd looks hooks up with dir() per connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from typing import Any
+
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, syntax
+
+PRIVATE_MEMBERS = (
+    "_reader",
+    "_set_post_data_state",
+    "_call_handler_hook",
+    "_getaddr",
+    "_authenticate",
+    "_authenticator",
+)
+
+_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_PLAIN_REST = re.compile(r" [^\s(]")  # one space, then parameters (no comment, no CFWS)
+_PLAIN_ADDR = re.compile(rf"<({_ATOM}(?:\.{_ATOM})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>")
+LINE_LIMIT = 65_536  # bytes per line of DATA, CRLF included
+# A line (with its CR) over the limit; anchored at line starts so the scan stays linear.
+_LONG_LINE = re.compile(rb"(?:\A|\n)[^\n]{%d}" % LINE_LIMIT)
+
+_NAMES: dict[tuple[type, tuple[str, ...]], list[str]] = {}
+
+
+def method_names(cls: type, prefixes: tuple[str, ...]) -> list[str]:
+    """The attribute names of cls that start with one of prefixes (cached per class)."""
+    key = (cls, prefixes)
+    if key not in _NAMES:
+        _NAMES[key] = sorted(n for n in dir(cls) if n.startswith(prefixes))
+    return _NAMES[key]
+
+
+class HookDir:
+    """A handler whose hooks aiosmtpd finds without a dir() over the whole object per session."""
+
+    def __dir__(self) -> list[str]:
+        # Cached per class: see docs/benchmarks.md#session-set-up
+        return method_names(type(self), ("handle_", "auth_"))
+
+
+R_LINE_TOO_LONG = "500 5.5.6 Line too long (see RFC 5321 4.5.3.1.6)"
+R_DATA_TOO_BIG = "552 5.3.4 Too much mail data"
+
+
+async def read_data(
+    reader: asyncio.StreamReader, size_limit: int | None
+) -> tuple[bytes | bytearray, str]:
+    """Read DATA up to the line ".", un-stuff it; (message, "") or (b"", error reply).
+
+    Reads up to each ".<CRLF>" (or a buffer's worth) at once, not one line per await (see
+    docs/benchmarks.md#bulk-data-reading), and checks whether that dot starts a line. The end
+    is still exactly a line "." after CRLF (RFC 5321 §4.1.1.4): a bare LF or CR before the
+    dot never ends the message, so smuggled "<LF>.<LF>" stays data (CVE-2024-27305). Bytes
+    after the end (pipelined commands) stay in the reader. Over the size limit it reads on to
+    the end and keeps nothing.
+    """
+    buf = bytearray()
+    too_big = False
+    while True:
+        try:
+            buf += await reader.readuntil(b".\r\n")
+        except asyncio.LimitOverrunError as exc:
+            buf += await reader.read(exc.consumed)
+        else:
+            dot = len(buf) - 3
+            if dot == 0 or buf[dot - 2 : dot] == b"\r\n":
+                del buf[dot:]
+                break
+        if size_limit and len(buf) > size_limit + 2:
+            too_big = True
+            del buf[:-2]  # the last two bytes tell whether a following dot starts a line
+    if too_big:
+        return b"", R_DATA_TOO_BIG
+    if _LONG_LINE.search(buf):
+        return b"", R_LINE_TOO_LONG
+    if buf[:1] == b".":
+        del buf[0]
+    if b"\r\n." in buf:
+        buf = bytearray(buf.replace(b"\r\n.", b"\r\n"))
+    if size_limit and len(buf) > size_limit:
+        return b"", R_DATA_TOO_BIG
+    return buf, ""  # no bytes() copy: docs/benchmarks.md#one-buffer-for-a-received-message
+
+
+class Protocol(SMTP):
+    """aiosmtpd's SMTP protocol with relayd's overrides; one per client connection."""
+
+    registry: set[SMTP]
+    # aiosmtpd answers "500 Line too long" past RFC 5321's 1,000 octets (§4.5.3.1.6), but
+    # apps emit minified HTML and long base64-less lines; Postfix accepts them, and so does
+    # relayd, byte for byte, up to 64 KiB a line (which also caps a session's read buffer).
+    # Command lines stay limited by aiosmtpd's command_size_limit.
+    line_length_limit = LINE_LIMIT
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.registry.add(self)
+        super().connection_made(transport)
+
+    def __dir__(self) -> list[str]:
+        # The smtp_*/auth_* names are the same for every session: see
+        # docs/benchmarks.md#session-set-up
+        return method_names(type(self), ("smtp_", "auth_"))
+
+    # aiosmtpd calls the authenticator synchronously, and one scrypt check takes tens of ms: a
+    # client sending wrong passwords would stall every other session. The built-in PLAIN and
+    # LOGIN parsers still run; the check they ask for is done in a thread instead.
+    _auth_request: tuple[str, Any] | None = None
+
+    def _authenticate(self, mechanism: str, auth_data: Any) -> AuthResult:
+        self._auth_request = (mechanism, auth_data)
+        return AuthResult(success=False, handled=False)  # replaced by _verified()
+
+    async def _verified(self, parsed: AuthResult) -> AuthResult:
+        request, self._auth_request = self._auth_request, None
+        if request is None or self._authenticator is None:
+            return parsed  # the parser already answered (bad base64, client gave up)
+        assert self.session is not None and self.envelope is not None
+        return await asyncio.to_thread(
+            self._authenticator, self, self.session, self.envelope, *request
+        )
+
+    async def auth_PLAIN(self, _: Any, args: list[str]) -> AuthResult:
+        return await self._verified(await super().auth_PLAIN(_, args))
+
+    async def auth_LOGIN(self, _: Any, args: list[str]) -> AuthResult:
+        return await self._verified(await super().auth_LOGIN(_, args))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.registry.discard(self)
+        super().connection_lost(exc)
+
+    @syntax("DATA")
+    async def smtp_DATA(self, arg: str) -> None:
+        """aiosmtpd's DATA with the body read in bulk (see read_data); same replies."""
+        if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
+            return
+        assert self.envelope is not None
+        if not self.envelope.rcpt_tos:
+            await self.push("503 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 Syntax: DATA")
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        try:
+            body, problem = await read_data(self._reader, self.data_size_limit)
+        except asyncio.IncompleteReadError:
+            return  # the client went away mid-DATA: nothing was stored
+        if problem:
+            self._set_post_data_state()  # type: ignore[no-untyped-call]  # aiosmtpd, untyped
+            await self.push(problem)
+            return
+        # A bytearray where aiosmtpd's stubs say bytes: only relayd's handler reads it.
+        self.envelope.content = body  # type: ignore[assignment]
+        self.envelope.original_content = body  # type: ignore[assignment]
+        status = await self._call_handler_hook("DATA")
+        self._set_post_data_state()  # type: ignore[no-untyped-call]  # aiosmtpd, untyped
+        await self.push("250 OK" if status is MISSING else status)
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        # A plain <dot-atom@domain> parses to itself, so it skips aiosmtpd's costly RFC 5322
+        # parser (docs/benchmarks.md#plain-addresses); anything else still goes through it.
+        match = _PLAIN_ADDR.match(arg)
+        rest = arg[match.end() :] if match else ""
+        if match is None or (rest and not _PLAIN_REST.match(rest)):
+            return super()._getaddr(arg)
+        local = match.group(1).rpartition("@")[0]
+        if self.local_part_limit and len(local) > self.local_part_limit:
+            return None, None
+        return match.group(1), rest[1:]

@@ -1,4 +1,4 @@
-"""Submitter credentials: a users file of salted scrypt hashes, and `relayd passwd` to make them.
+"""Submitter credentials: a users file of salted scrypt hashes (`relayd passwd` makes them).
 
 A users file has one ``name:scrypt$<n>$<r>$<p>$<salt b64>$<hash b64>`` line per submitter
 (``#`` comments and blank lines allowed). Passwords are never stored, logged or compared in
@@ -8,15 +8,11 @@ HMAC under a per-process key and an app that logs in per message does not pay it
 
 from __future__ import annotations
 
-import argparse
 import base64
-import getpass
 import hashlib
 import hmac
 import secrets
-import sys
 from pathlib import Path
-from typing import Any
 
 from relayd.errors import ConfigError
 
@@ -98,29 +94,3 @@ def load_users(path: str) -> Users:
             )
         hashes[name] = stored
     return Users(hashes)
-
-
-def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
-    cmd = sub.add_parser("passwd", help="print a users-file line for a submitter")
-    cmd.add_argument("name", help="the name the app will log in with")
-    cmd.add_argument("--stdin", action="store_true", help="read the password from standard input")
-    cmd.set_defaults(func=cmd_passwd)
-
-
-def cmd_passwd(args: argparse.Namespace) -> int:
-    """Print `name:hash`; the password itself is read, hashed and never echoed."""
-    if ":" in args.name or not args.name.strip():
-        print("relayd passwd: the name must be non-empty and contain no ':'", file=sys.stderr)
-        return 2
-    if args.stdin:
-        password = sys.stdin.readline().rstrip("\r\n")
-    else:
-        password = getpass.getpass("password: ")
-        if getpass.getpass("again: ") != password:
-            print("relayd passwd: the passwords differ", file=sys.stderr)
-            return 1
-    if len(password) < 8:
-        print("relayd passwd: use at least 8 characters", file=sys.stderr)
-        return 1
-    print(f"{args.name}:{hash_password(password)}")
-    return 0

@@ -10,7 +10,7 @@ from pathlib import Path
 from conftest import eventually, free_port
 from proc import ServeProcess, serve_env
 
-from relayd import sendmail
+from relayd.cli import sendmail
 
 SCRIPT = Path(sys.executable).parent / "relayd-sendmail"
 

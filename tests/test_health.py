@@ -11,7 +11,7 @@ import time
 from conftest import eventually, free_port, message, submit
 from proc import ServeProcess, serve_env
 
-from relayd import health
+from relayd.cli import health
 from relayd.spool import Spool
 
 

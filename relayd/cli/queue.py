@@ -14,7 +14,7 @@ import sys
 import time
 from typing import Any
 
-from relayd import commands
+from relayd.cli.common import load_config, open_spool, signal_daemon
 from relayd.errors import RelaydError, SpoolError
 from relayd.spool import Envelope, Spool, iso
 from relayd.states import RcptState, SpoolDir
@@ -23,7 +23,7 @@ STATES: dict[str, str] = {"queued": SpoolDir.QUEUE, "failed": SpoolDir.FAILED}
 NAMES: dict[str, str] = {SpoolDir.QUEUE: "queued", SpoolDir.FAILED: "failed"}
 
 
-def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
+def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     queue = sub.add_parser("queue", help="inspect and steer the spool")
     qsub = queue.add_subparsers(dest="queue_command", required=True, metavar="COMMAND")
     ls = qsub.add_parser("list", parents=[common], help="one row per message")
@@ -106,7 +106,7 @@ def ago(seconds: float) -> str:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    spool = commands.open_spool(commands.config(args))
+    spool = open_spool(load_config(args))
     envs = scan(spool, args.state)
     now = time.time()
     if args.json:
@@ -186,7 +186,7 @@ def _fit(text: str, width: int) -> str:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    spool = commands.open_spool(commands.config(args))
+    spool = open_spool(load_config(args))
     env = resolve(spool, args.id)
     if args.raw:
         sys.stdout.buffer.write(spool.read(env))
@@ -245,7 +245,7 @@ def _targets(spool: Spool, ids: list[str], every: bool, states: tuple[str, ...])
 def _report(spool: Spool, verb: str, count: int, missing: list[str]) -> int:
     for ident in missing:
         print(f"relayd: no such message: {ident}", file=sys.stderr)
-    pid = commands.signal_daemon(spool) if count else None
+    pid = signal_daemon(spool) if count else None
     where = (
         f"relayd (pid {pid}) will attempt them now"
         if pid and verb == "retried"
@@ -269,22 +269,22 @@ def _retry(spool: Spool, ids: list[str], max_age: float) -> tuple[int, list[str]
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
-    cfg = commands.config(args)
-    spool = commands.open_spool(cfg)
+    cfg = load_config(args)
+    spool = open_spool(cfg)
     ids = _targets(spool, args.ids, args.all, (SpoolDir.QUEUE, SpoolDir.FAILED))
     done, missing = _retry(spool, ids, cfg.retry.max_age)
     return _report(spool, "retried", done, [] if args.all else missing)
 
 
 def cmd_flush(args: argparse.Namespace) -> int:
-    cfg = commands.config(args)
-    spool = commands.open_spool(cfg)
+    cfg = load_config(args)
+    spool = open_spool(cfg)
     done, _ = _retry(spool, _targets(spool, [], True, (SpoolDir.QUEUE,)), cfg.retry.max_age)
     return _report(spool, "retried", done, [])
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
-    spool = commands.open_spool(commands.config(args))
+    spool = open_spool(load_config(args))
     bulk = args.all or args.failed
     if bulk and args.ids:
         raise RelaydError("give ids or --failed/--all, not both")

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from relayd.cli.common import load_config
 from relayd.spool import Spool
 from relayd.states import SpoolDir
 
@@ -53,8 +54,6 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from relayd.cli import load_config
-
     cfg = load_config(args)
     ok, line = check(Path(cfg.spool.path), args.strict, args.max_failures, args.max_age)
     print(f"relayd: {line}")

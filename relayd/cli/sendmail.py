@@ -20,7 +20,8 @@ from collections.abc import Sequence
 from email.parser import BytesHeaderParser
 from typing import Any, NoReturn
 
-from relayd import commands, logs
+from relayd import logs
+from relayd.cli.common import load_config, signal_daemon
 from relayd.config import Config
 from relayd.errors import ConfigError, RelaydError, SpoolError
 from relayd.message import add_missing_headers
@@ -107,7 +108,7 @@ def _run(args: argparse.Namespace) -> int:
     if not rcpts:
         raise UsageError("no recipients (give addresses, or -t to read To/Cc/Bcc)")
     logs.setup(LogFormat.CONSOLE, "warning")
-    cfg = commands.config(args)
+    cfg = load_config(args)
     sender = args.sender.strip("<>") if args.sender is not None else default_sender(cfg)
     data = complete_headers(data, sender, args.fullname)
     return submit(cfg, sender, rcpts, data, args.v)
@@ -226,7 +227,7 @@ def maildrop(
             "(run as the user relayd runs as)"
         ) from None
     try:
-        pid = commands.signal_daemon(spool)
+        pid = signal_daemon(spool)
     except SpoolError:
         pid = None
     when = f"relayd (pid {pid}) will pick it up" if pid else "it goes out when relayd starts"

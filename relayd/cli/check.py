@@ -14,7 +14,8 @@ import socket
 import time
 from typing import Any
 
-from relayd import commands, logs
+from relayd import logs
+from relayd.cli.common import load_config, say
 from relayd.config import Config
 from relayd.errors import ConfigError, UpstreamError
 from relayd.states import OutcomeStatus
@@ -29,7 +30,7 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = commands.config(args)
+    cfg = load_config(args)
     up = cfg.upstream
     if not up.host:
         raise ConfigError("upstream.host", "required for relayd check")
@@ -37,10 +38,6 @@ def run(args: argparse.Namespace) -> int:
     verify = "on" if up.verify else "OFF (any certificate is accepted)"
     say(f"checking {up.host}:{up.port} (tls: {up.tls}, verify: {verify})")
     return asyncio.run(_check(cfg, args.to, args.mail_from))
-
-
-def say(line: str = "") -> None:
-    print(logs.redact(line), flush=True)
 
 
 async def _check(cfg: Config, to: str | None, mail_from: str | None) -> int:

@@ -1,0 +1,93 @@
+"""What every command shares: the parser class, exit codes, config, spool and daemon signals.
+
+Commands are the only code that prints; run_command alone turns relayd's errors into one line
+and an exit code: 0 ok, 1 failure, 2 usage, 75 temporary failure (sendmail, EX_TEMPFAIL),
+78 bad configuration (EX_CONFIG; systemd's RestartPreventExitStatus).
+
+The CLI never sends mail. It edits the spool through Spool's locked, atomic operations and
+then signals the daemon that holds <spool>/relayd.lock: SIGUSR2 to rescan queue/ (the
+daemon keeps the ids it is delivering in memory, so a rescan never starts a second delivery
+of one), SIGUSR1 to make everything due now.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import signal
+import sys
+from typing import NoReturn
+
+from relayd import config as config_mod
+from relayd import logs
+from relayd.config import Config
+from relayd.errors import ConfigError, RelaydError, SpoolError
+from relayd.spool import Spool
+from relayd.states import SpoolDir
+
+EX_OK, EX_FAIL, EX_USAGE, EX_TEMPFAIL, EX_CONFIG = 0, 1, 2, 75, 78
+DEV_SPOOL = "relayd-dev-spool"
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with relayd's one-line usage errors (exit 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EX_USAGE, f"{self.prog}: {message} (see --help)\n")
+
+
+def load_config(args: argparse.Namespace, dev: bool = False) -> Config:
+    """The config every command uses: --config file, then RELAYD_* from the environment."""
+    environ = dict(os.environ)
+    cfg = config_mod.load(args.config, environ)
+    spool_set = bool(environ.get("RELAYD_SPOOL_PATH") or environ.get("STATE_DIRECTORY"))
+    if dev and not spool_set and cfg.spool.path == config_mod.DEFAULT_SPOOL:
+        cfg = dataclasses.replace(cfg, spool=dataclasses.replace(cfg.spool, path=DEV_SPOOL))
+    return cfg
+
+
+def open_spool(cfg: Config) -> Spool:
+    """The configured spool, which must exist (the daemon creates it at its first start)."""
+    spool = Spool(cfg.spool.path)
+    if not (spool.root / SpoolDir.QUEUE).is_dir():
+        raise SpoolError(f"no spool at {spool.root} (has `relayd serve` ever run with it?)")
+    if not os.access(spool.root / SpoolDir.QUEUE, os.R_OK | os.X_OK):
+        raise SpoolError(f"cannot read {spool.root}: run as the user relayd runs as")
+    return spool
+
+
+def signal_daemon(spool: Spool, sig: signal.Signals = signal.SIGUSR2) -> int | None:
+    """Tell the running daemon (if any) to rescan; returns its pid, or None if none runs."""
+    pid = spool.daemon_pid()
+    if pid is None:
+        return None
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        raise SpoolError(f"cannot signal relayd (pid {pid}): run as the user it runs as") from None
+    return pid
+
+
+def run_command(func: object, args: argparse.Namespace) -> int:
+    """Run a command function, turning relayd's errors into one line and an exit code."""
+    try:
+        code = func(args)  # type: ignore[operator]  # set by set_defaults(func=...)
+        return int(code)
+    except ConfigError as exc:
+        print(f"relayd: config: {logs.redact(str(exc))}", file=sys.stderr)
+        return EX_CONFIG
+    except RelaydError as exc:
+        print(f"relayd: {logs.redact(str(exc))}", file=sys.stderr)
+        return EX_FAIL
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return EX_OK
+
+
+def say(line: str = "") -> None:
+    """Print one line through logs.redact, so no secret reaches the terminal."""
+    print(logs.redact(line), flush=True)

@@ -1,7 +1,8 @@
 """The daemon: spool + listener + relay, signals, readiness, graceful stop.
 
-By default the relay runs in a second process (relayd.worker) so accepting and delivering each
-get a core; with relay.separate_process false both share this process's event loop.
+By default the relay runs in a second process (relayd.worker, supervised by
+supervisor.DeliveryProcess) so accepting and delivering each get a core; with
+relay.separate_process false both share this process's event loop.
 """
 
 from __future__ import annotations
@@ -22,21 +23,22 @@ from typing import Any
 import structlog
 
 from relayd import config as config_mod
-from relayd import eventloop, logs, metrics
+from relayd import eventloop, logs, metrics, wire
 from relayd.config import Config
+from relayd.endpoint import Endpoint
 from relayd.errors import ConfigError, RelaydError
 from relayd.notify import Notifier
-from relayd.relay import Deliverer, Outbox, Relay
+from relayd.outbox import Outbox
+from relayd.relay import Deliverer, Relay
 from relayd.server import Handler, Listener
 from relayd.spool import Spool
 from relayd.states import SpoolDir, TlsMode
+from relayd.supervisor import DeliveryProcess
 from relayd.upstream import Session
-from relayd.worker import WorkerRelay
 
 log = structlog.get_logger()
 
 STOP_DEADLINE = 10.0  # seconds for in-flight sessions and deliveries after SIGTERM
-STATUS_FILE = "status.json"
 HOUSEKEEPING = 2.0  # seconds between gauge/status refreshes (shorter with a faster watchdog)
 LOOP_STALL = 10.0  # /healthz fails when the event loop has not ticked for this long
 
@@ -56,12 +58,12 @@ class Daemon:
     def __post_init__(self) -> None:
         self.spool = Spool(self.cfg.spool.path)
         self.notifier = Notifier(self.environ)
-        self.relay: Relay | WorkerRelay = (
-            WorkerRelay(self.cfg, self.dev)
+        self.relay: Relay | DeliveryProcess = (
+            DeliveryProcess(self.cfg, self.dev)
             if self.cfg.relay.separate_process
             else Relay(self.spool, self.cfg, self._connect)
         )
-        self.endpoint: metrics.Endpoint | None = None
+        self.endpoint: Endpoint | None = None
         self.heartbeat = time.monotonic()
         self.failed_count = 0
 
@@ -80,7 +82,7 @@ class Daemon:
         try:
             host, port = await listener.start()
         except OSError as exc:
-            if isinstance(self.relay, WorkerRelay):
+            if isinstance(self.relay, DeliveryProcess):
                 await self.relay.stop(0.0)  # no delivery process may outlive a failed start
             self.spool.unlock()
             where = f"{self.cfg.listen.host}:{self.cfg.listen.port}"
@@ -166,7 +168,7 @@ class Daemon:
             with contextlib.suppress(TimeoutError, concurrent.futures.CancelledError):
                 future.result(timeout=LOOP_STALL / 2)
 
-        self.endpoint = metrics.Endpoint(host, port, lambda: self.ready, alive, refresh)
+        self.endpoint = Endpoint(host, port, lambda: self.ready, alive, refresh)
         self.endpoint.start()
         log.info("metrics.started", host=self.endpoint.address[0], port=self.endpoint.address[1])
 
@@ -232,7 +234,7 @@ class Daemon:
                 self.notifier.send("WATCHDOG=1")
             await self._update_gauges()
             snap = self.relay.snapshot()
-            self.notifier.send(f"STATUS={snap['queued']} queued, {snap['in_flight']} in flight")
+            self.notifier.send(f"STATUS={snap.queued} queued, {snap.in_flight} in flight")
             await asyncio.to_thread(self._write_status, self._status())
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(interval):
@@ -241,31 +243,29 @@ class Daemon:
     async def _update_gauges(self) -> None:
         """Set the queue gauges from the relay's index (on the loop: it is not thread-safe)."""
         snap = self.relay.snapshot()
-        metrics.QUEUE_DEPTH.labels(state=SpoolDir.QUEUE).set(snap["queued"])
-        metrics.OLDEST_AGE.set(snap["oldest_age"])
+        metrics.QUEUE_DEPTH.labels(state=SpoolDir.QUEUE).set(snap.queued)
+        metrics.OLDEST_AGE.set(snap.oldest_age)
         self.failed_count = await asyncio.to_thread(_count, self.spool.root / SpoolDir.FAILED)
         metrics.QUEUE_DEPTH.labels(state=SpoolDir.FAILED).set(self.failed_count)
 
-    def _status(self) -> dict[str, Any]:
+    def _status(self) -> wire.DaemonStatus:
         """What `relayd health` reads: built on the loop, written by a thread."""
-        snap = self.relay.snapshot()
-        del snap["in_flight"]
-        return {
-            "pid": os.getpid(),
-            "updated_at": time.time(),
-            "ready": self.ready,
-            "failed": self.failed_count,
-            **snap,
-        }
+        return wire.DaemonStatus(
+            pid=os.getpid(),
+            updated_at=time.time(),
+            ready=self.ready,
+            failed=self.failed_count,
+            delivery=self.relay.snapshot(),
+        )
 
-    def _write_status(self, doc: dict[str, Any]) -> None:
+    def _write_status(self, status: wire.DaemonStatus) -> None:
         """A small status file for `relayd health` (best effort, not fsynced: it is advisory)."""
-        path = Path(self.spool.root) / STATUS_FILE
+        path = Path(self.spool.root) / wire.STATUS_FILE
         tmp = path.with_suffix(".tmp")
         with contextlib.suppress(OSError):
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "w") as fh:
-                fh.write(json.dumps(doc))
+                fh.write(json.dumps(status.to_json()))
             tmp.replace(path)
 
 

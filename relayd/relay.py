@@ -24,6 +24,7 @@ from relayd.errors import SpoolError, UpstreamError
 from relayd.spool import Envelope, Recipient, Spool
 from relayd.states import OutcomeStatus, RcptState, SpoolDir
 from relayd.upstream import Outcome
+from relayd.wire import DeliveryStatus
 
 log = structlog.get_logger()
 
@@ -94,16 +95,16 @@ class Relay:
     def depth(self) -> int:
         return len(self.due)
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self) -> DeliveryStatus:
         """What health, metrics and STATUS= report about deliveries."""
-        return {
-            "queued": len(self.due),
-            "in_flight": len(self.inflight),
-            "oldest_age": self.oldest_age(),
-            "consecutive_failures": self.consecutive_failures,
-            "last_error": self.last_error,
-            "last_delivery_at": self.last_delivery_at,
-        }
+        return DeliveryStatus(
+            queued=len(self.due),
+            in_flight=len(self.inflight),
+            oldest_age=self.oldest_age(),
+            consecutive_failures=self.consecutive_failures,
+            last_error=self.last_error,
+            last_delivery_at=self.last_delivery_at,
+        )
 
     def reconfigure(self, cfg: Config) -> None:
         """Use a reloaded upstream/retry config; open sessions are retired (SIGHUP)."""
@@ -437,28 +438,3 @@ def _iso_entry(entry: dict[str, Any]) -> dict[str, Any]:
 async def _close(session: Deliverer | None) -> None:
     if session is not None:
         await session.close()
-
-
-class Outbox:
-    """--dev deliverer: writes each message to <spool>/outbox/<id>.eml instead of sending it."""
-
-    def __init__(self, spool: Spool) -> None:
-        self.spool = spool
-        self.sent = 0
-
-    async def open(self) -> None:
-        return None
-
-    async def send(self, mail_from: str, rcpt_to: list[str], data: bytes) -> list[Outcome]:
-        msg_id = self.spool.new_id()
-        stub = Envelope(msg_id, mail_from, tuple(Recipient(a) for a in rcpt_to), 0.0, len(data))
-        # What a local delivery agent adds, so the envelope is visible in the file.
-        head = f"Return-Path: <{mail_from}>\r\nX-Original-To: {', '.join(rcpt_to)}\r\n"
-        path = await asyncio.to_thread(self.spool.deliver_to_outbox, stub, head.encode() + data)
-        self.sent += 1
-        return [
-            Outcome(a, OutcomeStatus.DELIVERED, 250, f"written to {path}", "data") for a in rcpt_to
-        ]
-
-    async def close(self) -> None:
-        return None

@@ -20,8 +20,10 @@ from typing import Any
 from relayd.cli.common import load_config
 from relayd.spool import Spool
 from relayd.states import SpoolDir
+from relayd.wire import STATUS_FILE, DaemonStatus
 
-STATUS_FILE = "status.json"  # written by app.Daemon
+__all__ = ["STATUS_FILE", "add_parser", "check", "run"]
+
 STALE_AFTER = 30.0  # seconds without a status update before the daemon counts as stuck
 
 
@@ -68,35 +70,40 @@ def check(
     if pid is None:
         return False, f"down: no relayd holds the lock of {root}"
     status, problem = _read_status(root, pid)
-    if problem:
+    if status is None:
         return False, f"unhealthy: pid {pid} {problem}"
     probe = _probe_write(root)
     if probe:
         return False, f"unhealthy: spool {root} not writable: {probe}"
-    failures = int(status.get("consecutive_failures") or 0)
-    oldest = float(status.get("oldest_age") or 0.0)
+    failures = status.delivery.consecutive_failures
+    oldest = status.delivery.oldest_age
     trouble = failures >= max_failures or oldest > max_age
-    summary = _summary(pid, status, failures, oldest)
+    summary = _summary(status, failures, oldest)
     if strict and trouble:
         return False, f"upstream trouble: {summary}"
     return True, f"{'healthy (upstream trouble)' if trouble else 'healthy'}: {summary}"
 
 
-def _read_status(root: Path, pid: int) -> tuple[dict[str, Any], str]:
+def _read_status(root: Path, pid: int) -> tuple[DaemonStatus | None, str]:
+    """The daemon's status when it is current, else (None, what is wrong)."""
     try:
         doc = json.loads((root / STATUS_FILE).read_text(encoding="utf-8"))
     except FileNotFoundError:
-        return {}, "has written no status yet (starting?)"
+        return None, "has written no status yet (starting?)"
     except OSError as exc:
-        return {}, f"status unreadable: {exc.strerror}"
+        return None, f"status unreadable: {exc.strerror}"
     except ValueError:
-        return {}, "status unreadable: not JSON"
+        return None, "status unreadable: not JSON"
     if not isinstance(doc, dict) or doc.get("pid") != pid:
-        return {}, "has written no status yet (starting?)"
-    age = time.time() - float(doc.get("updated_at") or 0.0)
+        return None, "has written no status yet (starting?)"
+    try:
+        status = DaemonStatus.from_json(doc)
+    except (TypeError, ValueError):
+        return None, "status unreadable: not a relayd status"
+    age = time.time() - status.updated_at
     if age > STALE_AFTER:
-        return doc, f"has not updated its status for {age:.0f}s (event loop stuck?)"
-    return doc, ""
+        return None, f"has not updated its status for {age:.0f}s (event loop stuck?)"
+    return status, ""
 
 
 def _probe_write(root: Path) -> str:
@@ -116,19 +123,19 @@ def _probe_write(root: Path) -> str:
     return ""
 
 
-def _summary(pid: int, status: dict[str, Any], failures: int, oldest: float) -> str:
-    parts = [f"pid {pid}", f"{int(status.get('queued') or 0)} queued"]
+def _summary(status: DaemonStatus, failures: int, oldest: float) -> str:
+    parts = [f"pid {status.pid}", f"{status.delivery.queued} queued"]
     if oldest:
         parts[-1] += f" (oldest {oldest:.0f}s)"
-    parts.append(f"{int(status.get('failed') or 0)} failed")
-    error = status.get("last_error")
-    if failures and isinstance(error, dict):
+    parts.append(f"{status.failed} failed")
+    error = status.delivery.last_error
+    last_delivery = status.delivery.last_delivery_at
+    if failures and error is not None:
         code = f"{error.get('code')} " if error.get("code") else ""
         text = " ".join(str(error.get("text") or "").split())[:200]  # replies can be multi-line
         parts.append(
             f"{failures} failed attempts in a row, last at {error.get('step')}: {code}{text}"
         )
-    elif status.get("last_delivery_at"):
-        ago = time.time() - float(status["last_delivery_at"])
-        parts.append(f"last delivery {ago:.0f}s ago")
+    elif last_delivery:
+        parts.append(f"last delivery {time.time() - last_delivery:.0f}s ago")
     return ", ".join(parts)

@@ -9,27 +9,24 @@ two sessions at once, whatever the CLI does to the files meanwhile.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import heapq
-import random
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
 import structlog
 
-from relayd import metrics
+from relayd import metrics, outcome
 from relayd.config import Config
 from relayd.errors import SpoolError, UpstreamError
-from relayd.spool import Envelope, Recipient, Spool
-from relayd.states import OutcomeStatus, RcptState, SpoolDir
+from relayd.spool import Envelope, Spool
+from relayd.states import AttemptResult, OutcomeStatus, SpoolDir
 from relayd.upstream import Outcome
 from relayd.wire import DeliveryStatus
 
 log = structlog.get_logger()
 
 IDLE_CLOSE = 10.0  # seconds an idle upstream session is kept for the next message
-HISTORY_LIMIT = 20
 
 
 class Deliverer(Protocol):
@@ -38,17 +35,6 @@ class Deliverer(Protocol):
     async def open(self) -> None: ...
     async def send(self, mail_from: str, rcpt_to: list[str], data: bytes) -> list[Outcome]: ...
     async def close(self) -> None: ...
-
-
-def backoff(attempts: int, initial: float, maximum: float, rand: float | None = None) -> float:
-    """Delay before the next try: initial * 2^(attempts-1), capped, with ±25 % jitter.
-
-    Jitter spreads the retries of a burst that failed together, so a provider coming back is
-    not hit by all of them in the same second.
-    """
-    base = min(maximum, initial * 2.0 ** max(0, attempts - 1))
-    factor = 0.75 + 0.5 * (random.random() if rand is None else rand)  # noqa: S311 - not crypto
-    return min(maximum, base * factor)
 
 
 class Relay:
@@ -232,8 +218,9 @@ class Relay:
         except SpoolError:
             self.forget(msg_id)  # deleted (relayd queue delete) or moved meanwhile
             return session
-        if self.clock() - env.created_at > self.cfg.retry.max_age:
-            await self._finish(env, "expired", self._expired_reason(env))
+        expired = outcome.expiry(env, self.clock(), self.cfg.retry)
+        if expired is not None:
+            await self._finish(expired)
             return session
         bound = log.bind(msg_id=env.id, attempt=env.attempts + 1)
         started = time.monotonic()
@@ -310,129 +297,63 @@ class Relay:
         self, env: Envelope, outcomes: list[Outcome], bound: Any, hint: str = ""
     ) -> None:
         now = self.clock()
-        by_addr = {o.address: o for o in outcomes}
-        rcpts = tuple(_updated(r, by_addr.get(r.address)) for r in env.rcpt_to)
-        temporary = [o for o in outcomes if o.status == OutcomeStatus.TEMPORARY]
-        worst = (
-            temporary[0]
-            if temporary
-            else next(
-                (o for o in outcomes if o.status == OutcomeStatus.PERMANENT),
-                outcomes[0] if outcomes else None,
-            )
-        )
-        result = (
-            "sent"
-            if not temporary and all(r.state == RcptState.DELIVERED for r in rcpts)
-            else ("deferred" if temporary else "failed")
-        )
-        delivered = [o for o in outcomes if o.status == OutcomeStatus.DELIVERED]
-        if delivered:
-            self.consecutive_failures = 0 if not temporary else self.consecutive_failures
-            self.last_delivery_at = now
-            metrics.DELIVERED.inc(len(delivered))
-            bound.info("delivery.sent", code=delivered[0].code, recipients=len(delivered))
-        for o in outcomes:
-            if o.status == OutcomeStatus.PERMANENT:
-                metrics.FAILED.labels(reply_class=_reply_class(o.code)).inc()
-                bound.warning(
-                    "delivery.refused", rcpt=o.address, code=o.code, text=o.text, step=o.step
-                )
-        if result == "sent":
+        decision = outcome.decide(env, outcomes, now, self.cfg.retry)
+        self._count(decision, now, bound)
+        if decision.kind == AttemptResult.SENT:
             # Gone from the spool: no history entry to write (the common case, kept short).
             await asyncio.to_thread(self.spool.remove, env.id, SpoolDir.QUEUE, False)
             self.forget(env.id)
-            return
-        entry = {"at": now, "attempt": env.attempts + 1, "result": result}
-        if worst is not None:
-            entry.update(step=worst.step, code=worst.code, text=worst.text)
-        env = dataclasses.replace(
-            env,
-            rcpt_to=rcpts,
-            attempts=env.attempts + 1,
-            history=(*env.history, _iso_entry(entry))[-HISTORY_LIMIT:],
-        )
-        if worst is not None and worst.status != OutcomeStatus.DELIVERED:
-            env = dataclasses.replace(
-                env,
-                last_error=_iso_entry(
-                    {"step": worst.step, "code": worst.code, "text": worst.text, "at": now}
-                ),
-            )
-        if env.pending:
-            await self._reschedule(env, worst, bound, hint)
+        elif decision.kind == AttemptResult.DEFERRED:
+            await self._reschedule(decision, bound, hint)
         else:
-            await self._finish(env, "failed", _refusal_reason(env))
+            await self._finish(decision)
 
-    async def _reschedule(
-        self, env: Envelope, worst: Outcome | None, bound: Any, hint: str
-    ) -> None:
-        now = self.clock()
-        if now - env.created_at > self.cfg.retry.max_age:
-            await self._finish(env, "expired", self._expired_reason(env))
-            return
-        rt = self.cfg.retry
-        delay = backoff(env.attempts, rt.initial_delay, rt.max_delay)
-        env = dataclasses.replace(env, next_attempt_at=now + delay)
+    def _count(self, decision: outcome.Decision, now: float, bound: Any) -> None:
+        """The metrics, logs and failure run of an attempt's recipients."""
+        delivered = decision.delivered
+        if delivered:
+            if not decision.temporary:
+                self.consecutive_failures = 0
+            self.last_delivery_at = now
+            metrics.DELIVERED.inc(len(delivered))
+            bound.info("delivery.sent", code=delivered[0].code, recipients=len(delivered))
+        for o in decision.refused:
+            metrics.FAILED.labels(reply_class=outcome.reply_class(o.code)).inc()
+            bound.warning("delivery.refused", rcpt=o.address, code=o.code, text=o.text, step=o.step)
+
+    async def _reschedule(self, decision: outcome.Decision, bound: Any, hint: str) -> None:
+        env = decision.env
         try:
             await asyncio.to_thread(self.spool.save, env)
         except SpoolError:
             self.forget(env.id)  # deleted by an operator during the attempt
             return
         metrics.DEFERRED.inc()
-        fields = {"step": worst.step, "code": worst.code, "text": worst.text} if worst else {}
         bound.info(
             "delivery.deferred",
-            retry_in=round(delay, 3),
-            **fields,
+            retry_in=round(decision.delay, 3),
+            **decision.error_fields,
             **({"hint": hint} if hint else {}),
         )
         if not self.stopping:
             self.enqueue(env)
 
-    def _expired_reason(self, env: Envelope) -> str:
-        last = env.last_error or {}
-        return (
-            f"expired after {env.attempts} attempts over {self.cfg.retry.max_age:.0f}s; "
-            f"last error: {last.get('code') or ''} {last.get('text') or 'none'}"
-        ).strip()
-
-    async def _finish(self, env: Envelope, how: str, reason: str) -> None:
-        env = dataclasses.replace(env, reason=reason)
+    async def _finish(self, decision: outcome.Decision) -> None:
+        env = decision.env
         try:
             await asyncio.to_thread(self.spool.move, env, SpoolDir.FAILED)
         except SpoolError:
             self.forget(env.id)  # deleted by an operator during the attempt
             return
         self.forget(env.id)
-        if how == "expired":
+        if decision.kind == AttemptResult.EXPIRED:
             metrics.FAILED.labels(reply_class="expired").inc()
-        log.warning(f"delivery.{how}", msg_id=env.id, attempts=env.attempts, reason=reason)
-
-
-def _updated(r: Recipient, o: Outcome | None) -> Recipient:
-    if o is None or r.state != RcptState.PENDING:
-        return r
-    state = {
-        OutcomeStatus.DELIVERED: RcptState.DELIVERED,
-        OutcomeStatus.PERMANENT: RcptState.REFUSED,
-    }.get(o.status, RcptState.PENDING)
-    return Recipient(r.address, state, o.code, o.text)
-
-
-def _refusal_reason(env: Envelope) -> str:
-    refused = [r for r in env.rcpt_to if r.state == RcptState.REFUSED]
-    return "; ".join(f"{r.address}: {r.code} {r.reply}" for r in refused)
-
-
-def _reply_class(code: int | None) -> str:
-    return f"{code // 100}xx" if code else "none"
-
-
-def _iso_entry(entry: dict[str, Any]) -> dict[str, Any]:
-    from relayd.spool import iso
-
-    return {**entry, "at": iso(entry["at"])}
+        log.warning(
+            f"delivery.{decision.kind}",
+            msg_id=env.id,
+            attempts=env.attempts,
+            reason=decision.reason,
+        )
 
 
 async def _close(session: Deliverer | None) -> None:

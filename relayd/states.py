@@ -48,3 +48,12 @@ class LogFormat(StrEnum):
 
     JSON = "json"
     CONSOLE = "console"
+
+
+class AttemptResult(StrEnum):
+    """How one delivery attempt ended for a message (the history's "result", the log event)."""
+
+    SENT = "sent"
+    DEFERRED = "deferred"
+    FAILED = "failed"
+    EXPIRED = "expired"

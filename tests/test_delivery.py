@@ -213,7 +213,7 @@ async def test_one_session_carries_many_messages(tmp_path, pki, sink):
 
 def test_backoff_doubles_with_jitter_up_to_the_cap():
     """backoff(n) is initial * 2^(n-1) within ±25 %, never above max_delay."""
-    from relayd.relay import backoff
+    from relayd.outcome import backoff
 
     assert backoff(1, 60, 3600, rand=0.5) == 60
     assert backoff(3, 60, 3600, rand=0.5) == 240

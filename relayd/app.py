@@ -77,35 +77,13 @@ class Daemon:
         self.spool.lock()
         await asyncio.to_thread(self.spool.sweep_tmp)
         depth = await self.relay.load()
-        handler = Handler(self.cfg.listen, self.spool, self.relay.enqueue)
-        listener = Listener(self.cfg.listen, handler)
-        try:
-            host, port = await listener.start()
-        except OSError as exc:
-            if isinstance(self.relay, DeliveryProcess):
-                await self.relay.stop(0.0)  # no delivery process may outlive a failed start
-            self.spool.unlock()
-            where = f"{self.cfg.listen.host}:{self.cfg.listen.port}"
-            why = os.strerror(exc.errno) if exc.errno else str(exc)
-            raise RelaydError(f"cannot listen on {where}: {why}") from None
-        self.address = (host, port)
+        listener = await self._listen()
+        host, port = self.address
         self._start_metrics()
         if self.signals:
             self._install_signals()
         self._warn_insecure()
-        log.info(
-            "server.started",
-            host=host,
-            port=port,
-            queued=depth,
-            pid=os.getpid(),
-            event_loop="uvloop"
-            if type(asyncio.get_running_loop()).__module__.startswith("uvloop")
-            else "asyncio",
-            upstream="outbox (dev)"
-            if self.dev
-            else f"{self.cfg.upstream.host}:{self.cfg.upstream.port}",
-        )
+        self._log_started(depth)
         self.ready = True
         self.started.set()
         self.notifier.send("READY=1", f"STATUS=listening on {host}:{port}, {depth} queued")
@@ -125,6 +103,37 @@ class Daemon:
         self.spool.unlock()
         log.info("server.stopped", queued=self.relay.depth)
         return 0
+
+    async def _listen(self) -> Listener:
+        """Bind the listener; on failure stop the delivery process and release the spool."""
+        handler = Handler(self.cfg.listen, self.spool, self.relay.enqueue)
+        listener = Listener(self.cfg.listen, handler)
+        try:
+            self.address = await listener.start()
+        except OSError as exc:
+            if isinstance(self.relay, DeliveryProcess):
+                await self.relay.stop(0.0)  # no delivery process may outlive a failed start
+            self.spool.unlock()
+            where = f"{self.cfg.listen.host}:{self.cfg.listen.port}"
+            why = os.strerror(exc.errno) if exc.errno else str(exc)
+            raise RelaydError(f"cannot listen on {where}: {why}") from None
+        return listener
+
+    def _log_started(self, depth: int) -> None:
+        host, port = self.address
+        log.info(
+            "server.started",
+            host=host,
+            port=port,
+            queued=depth,
+            pid=os.getpid(),
+            event_loop="uvloop"
+            if type(asyncio.get_running_loop()).__module__.startswith("uvloop")
+            else "asyncio",
+            upstream="outbox (dev)"
+            if self.dev
+            else f"{self.cfg.upstream.host}:{self.cfg.upstream.port}",
+        )
 
     def _warn_insecure(self) -> None:
         up = self.cfg.upstream

@@ -261,7 +261,28 @@ def _check(ok: bool, key: str, problem: str) -> None:
 
 def validate(cfg: Config) -> None:
     """Reject impossible values; the message names the key."""
-    ls = cfg.listen
+    _validate_listen(cfg.listen)
+    _check(bool(cfg.spool.path), "spool.path", "must not be empty")
+    _validate_upstream(cfg.upstream)
+    rt = cfg.retry
+    _check(rt.initial_delay > 0, "retry.initial_delay", "must be > 0")
+    _check(rt.max_delay >= rt.initial_delay, "retry.max_delay", "must be >= initial_delay")
+    _check(rt.max_age > 0, "retry.max_age", "must be > 0")
+    _check(cfg.log.format in tuple(LogFormat), "log.format", "|".join(LogFormat))
+    _check(
+        cfg.relay.event_loop in eventloop.CHOICES, "relay.event_loop", "|".join(eventloop.CHOICES)
+    )
+    _check(
+        cfg.relay.event_loop != "uvloop" or eventloop.available(),
+        "relay.event_loop",
+        "uvloop is not installed (pip install 'relayd[uvloop]')",
+    )
+    _check(cfg.log.level in LOG_LEVELS, "log.level", "|".join(LOG_LEVELS))
+    if cfg.metrics.listen:
+        parse_hostport("metrics.listen", cfg.metrics.listen)
+
+
+def _validate_listen(ls: ListenConfig) -> None:
     _check(0 <= ls.port <= 65535, "listen.port", "must be 0..65535")
     _check(bool(ls.hostname.strip()), "listen.hostname", "must not be empty")
     _check(ls.max_message_size > 0, "listen.max_message_size", "must be > 0")
@@ -286,8 +307,9 @@ def validate(cfg: Config) -> None:
             "listen.users_file",
             f"AUTH is plaintext here; bind {ls.host} only on loopback or a private network",
         )
-    _check(bool(cfg.spool.path), "spool.path", "must not be empty")
-    up = cfg.upstream
+
+
+def _validate_upstream(up: UpstreamConfig) -> None:
     _check(1 <= up.port <= 65535, "upstream.port", "must be 1..65535")
     _check(up.tls in tuple(TlsMode), "upstream.tls", "|".join(TlsMode))
     _check(up.timeout > 0, "upstream.timeout", "must be > 0")
@@ -297,22 +319,6 @@ def validate(cfg: Config) -> None:
         _check(Path(up.ca_file).is_file(), "upstream.ca_file", f"no such file: {up.ca_file}")
     if up.password and not up.username:
         raise ConfigError("upstream.username", "required when a password is set")
-    rt = cfg.retry
-    _check(rt.initial_delay > 0, "retry.initial_delay", "must be > 0")
-    _check(rt.max_delay >= rt.initial_delay, "retry.max_delay", "must be >= initial_delay")
-    _check(rt.max_age > 0, "retry.max_age", "must be > 0")
-    _check(cfg.log.format in tuple(LogFormat), "log.format", "|".join(LogFormat))
-    _check(
-        cfg.relay.event_loop in eventloop.CHOICES, "relay.event_loop", "|".join(eventloop.CHOICES)
-    )
-    _check(
-        cfg.relay.event_loop != "uvloop" or eventloop.available(),
-        "relay.event_loop",
-        "uvloop is not installed (pip install 'relayd[uvloop]')",
-    )
-    _check(cfg.log.level in LOG_LEVELS, "log.level", "|".join(LOG_LEVELS))
-    if cfg.metrics.listen:
-        parse_hostport("metrics.listen", cfg.metrics.listen)
 
 
 def parse_hostport(key: str, value: str) -> tuple[str, int]:

@@ -86,6 +86,11 @@ def setup(fmt: str = LogFormat.JSON, level: str = "info", stream: TextIO | None 
         logger_factory=structlog.PrintLoggerFactory(out),
         cache_logger_on_first_use=False,
     )
+    _setup_stdlib(out, lvl, renderer)
+
+
+def _setup_stdlib(out: TextIO, lvl: int, renderer: Any) -> None:
+    """Route the stdlib loggers libraries use through the same redaction and renderer."""
     handler = logging.StreamHandler(out)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(

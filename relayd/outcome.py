@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from relayd.config import RetryConfig
-from relayd.spool import HISTORY_LIMIT, Envelope, Recipient, iso
+from relayd.envelope import HISTORY_LIMIT, Envelope, Recipient, iso
 from relayd.states import AttemptResult, OutcomeStatus, RcptState
 from relayd.upstream import Outcome
 

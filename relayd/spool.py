@@ -30,106 +30,40 @@ import secrets
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import structlog
 
+from relayd.envelope import (
+    ENVELOPE_HEADER,
+    HISTORY_LIMIT,
+    Envelope,
+    Recipient,
+    header_line,
+    iso,
+    parse_header_line,
+    parse_iso,
+)
+from relayd.envelope import dumps as _dumps
 from relayd.errors import SpoolError
 from relayd.states import RcptState, SpoolDir
 
+# Envelope and its helpers live in relayd.envelope; spool.Envelope etc. stay importable.
+__all__ = [
+    "ENVELOPE_HEADER",
+    "HISTORY_LIMIT",
+    "Envelope",
+    "Recipient",
+    "Spool",
+    "is_enospc",
+    "iso",
+    "parse_iso",
+]
+
 log = structlog.get_logger()
 
-HISTORY_LIMIT = 20
-# The first line of every .eml relayd writes; never sent upstream. An .eml without it (written
-# by an older relayd, always next to its .json) is the message alone.
-ENVELOPE_HEADER = b"X-Relayd-Envelope: "
 _HEAD_CHUNK = 64 * 1024
-
-
-def iso(ts: float) -> str:
-    """Seconds since the epoch -> '2026-11-30T05:14:00.123456Z'."""
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def parse_iso(text: str) -> float:
-    """'2026-11-30T05:14:00.123456Z' -> seconds since the epoch (ValueError if malformed)."""
-    # fromisoformat, not strptime: docs/benchmarks.md#start-up-scan
-    if not (len(text) == 27 and text[-1] == "Z"):
-        raise ValueError(f"not a spool timestamp: {text!r}")
-    return datetime.fromisoformat(text).timestamp()
-
-
-@dataclass(frozen=True, slots=True)
-class Recipient:
-    address: str
-    state: str = RcptState.PENDING
-    code: int | None = None
-    reply: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class Envelope:
-    """One queued message's envelope and delivery state, as kept in <id>.json."""
-
-    id: str
-    mail_from: str
-    rcpt_to: tuple[Recipient, ...]
-    created_at: float
-    size: int
-    attempts: int = 0
-    next_attempt_at: float = 0.0
-    last_error: dict[str, Any] | None = None
-    history: tuple[dict[str, Any], ...] = ()
-    reason: str = ""
-    state: str = field(default=SpoolDir.QUEUE, compare=False)
-
-    @property
-    def pending(self) -> tuple[Recipient, ...]:
-        return tuple(r for r in self.rcpt_to if r.state == RcptState.PENDING)
-
-    def to_json(self) -> dict[str, Any]:
-        doc: dict[str, Any] = {
-            "id": self.id,
-            "mail_from": self.mail_from,
-            "rcpt_to": [dataclasses.asdict(r) for r in self.rcpt_to],
-            "created_at": iso(self.created_at),
-            "size": self.size,
-            "attempts": self.attempts,
-            "next_attempt_at": iso(self.next_attempt_at),
-            "last_error": self.last_error,
-            "history": list(self.history),
-        }
-        if self.reason:
-            doc["reason"] = self.reason
-        return doc
-
-    @classmethod
-    def from_json(cls, doc: dict[str, Any], state: str = SpoolDir.QUEUE) -> Envelope:
-        try:
-            rcpts = tuple(
-                Recipient(
-                    str(r["address"]), str(r["state"]), r.get("code"), str(r.get("reply", ""))
-                )
-                for r in doc["rcpt_to"]
-            )
-            return cls(
-                id=str(doc["id"]),
-                mail_from=str(doc["mail_from"]),
-                rcpt_to=rcpts,
-                created_at=parse_iso(doc["created_at"]),
-                size=int(doc["size"]),
-                attempts=int(doc["attempts"]),
-                next_attempt_at=parse_iso(doc["next_attempt_at"]),
-                last_error=doc.get("last_error"),
-                history=tuple(doc.get("history", ())),
-                reason=str(doc.get("reason", "")),
-                state=state,
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise SpoolError(f"malformed envelope: {exc!r}") from None
 
 
 class Spool:
@@ -310,7 +244,7 @@ class Spool:
         )
         tmp: Path | None = None
         try:
-            tmp = self._write_tmp(_header(env), data)
+            tmp = self._write_tmp(header_line(env), data)
             self._place(tmp, self.path(SpoolDir.QUEUE, env.id, "eml"))
             tmp = None
             self._sync_dir(SpoolDir.QUEUE)
@@ -449,7 +383,7 @@ class Spool:
                     if not more:
                         break
                     head += more
-                env, start = _parse_header(head, msg_id, state)
+                env, start = parse_header_line(head, msg_id, state)
                 if not body:
                     return env, b""
                 if len(head) < _HEAD_CHUNK:
@@ -488,6 +422,7 @@ class Spool:
             yield from self._scan(state, repair)
 
     def _scan(self, state: str, repair: bool) -> Iterator[Envelope]:
+        # One pass over one listing (hot at start-up: see docs/benchmarks.md#start-up-scan).
         directory = self.root / state
         try:
             names = os.listdir(directory)
@@ -585,31 +520,6 @@ class Spool:
         self._place(tmp, target)
         self._sync_dir(SpoolDir.OUTBOX)
         return target
-
-
-def _dumps(env: Envelope) -> bytes:
-    return json.dumps(env.to_json(), indent=1, ensure_ascii=False).encode() + b"\n"
-
-
-def _header(env: Envelope) -> bytes:
-    # One line: ASCII-only JSON escapes every control character, so no CR or LF can end it early.
-    return ENVELOPE_HEADER + json.dumps(env.to_json(), separators=(",", ":")).encode() + b"\r\n"
-
-
-def _parse_header(head: bytes, msg_id: str, state: str) -> tuple[Envelope | None, int]:
-    """(envelope, offset of the message) from the start of an .eml."""
-    if not head.startswith(ENVELOPE_HEADER):
-        return None, 0
-    end = head.find(b"\n")
-    if end < 0:
-        raise SpoolError(f"truncated envelope line in message {msg_id}")
-    try:
-        doc = json.loads(head[len(ENVELOPE_HEADER) : end])
-    except ValueError as exc:
-        raise SpoolError(f"unreadable envelope line in message {msg_id}: {exc}") from None
-    if not isinstance(doc, dict):
-        raise SpoolError(f"malformed envelope line in message {msg_id}")
-    return Envelope.from_json(doc, state), end + 1
 
 
 def is_enospc(exc: BaseException) -> bool:

@@ -297,6 +297,7 @@ def _spawn(coro: Any) -> None:
 
 def register_secrets(cfg: Config) -> None:
     logs.add_auth_forms(cfg.upstream.username, cfg.upstream.password)
+    logs.add_secrets([cfg.upstream.oauth2.client_secret])  # tokens: oauth.TokenSource
 
 
 def run(cfg: Config, config_path: str | None, dev: bool, environ: Mapping[str, str]) -> int:

@@ -18,7 +18,14 @@ import yaml
 
 from relayd import eventloop
 from relayd.errors import ConfigError
-from relayd.states import LogFormat, TlsMode
+from relayd.states import (
+    LogFormat,
+    OAuth2Flow,
+    OAuth2Provider,
+    SaslMechanism,
+    TlsMode,
+    UpstreamAuth,
+)
 
 DEFAULT_SPOOL = "/var/lib/relayd"
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -44,6 +51,26 @@ class SpoolConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class OAuth2Config:
+    """How relayd obtains the access tokens it logs in with (auth: oauth2); see docs/oauth.md."""
+
+    provider: str = ""  # google | microsoft | custom (OAuth2Provider)
+    client_id: str = ""
+    client_secret: str = field(default="", repr=False)
+    client_secret_file: str = ""
+    tenant: str = ""  # microsoft: the directory (id or domain); empty = "organizations"
+    scope: str = ""  # empty = the provider's preset
+    refresh_token_file: str = ""  # written by `relayd oauth login`, rewritten when rotated
+    flow: OAuth2Flow = OAuth2Flow.REFRESH_TOKEN
+    token_url: str = ""  # custom, or an override of the provider's
+    authorize_url: str = ""
+    device_authorization_url: str = ""
+    # The SASL mechanism; the other one is used when it is the only one the server offers.
+    mechanism: SaslMechanism = SaslMechanism.XOAUTH2
+    ca_file: str = ""  # extra CA for the token endpoint's certificate
+
+
+@dataclass(frozen=True, slots=True)
 class UpstreamConfig:
     host: str = ""
     port: int = 465
@@ -57,6 +84,8 @@ class UpstreamConfig:
     max_connections: int = 4
     # Messages one session carries before it logs out and a fresh one starts.
     max_messages_per_session: int = 100
+    auth: UpstreamAuth = UpstreamAuth.PASSWORD
+    oauth2: OAuth2Config = OAuth2Config()
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +129,9 @@ class Config:
     relay: RelayConfig = RelayConfig()
 
 
+# Records inside a section: YAML mappings, and RELAYD_UPSTREAM_OAUTH2_<KEY> in the environment.
+_NESTED: dict[str, type[Any]] = {"upstream.oauth2": OAuth2Config}
+
 SECTIONS: dict[str, type[Any]] = {
     "listen": ListenConfig,
     "spool": SpoolConfig,
@@ -124,9 +156,15 @@ def from_json(doc: dict[str, Any]) -> Config:
         for key, value in values.items():
             if isinstance(value, list):
                 values[key] = tuple(value)
+            if isinstance(value, dict):  # a nested record (upstream.oauth2)
+                values[key] = _rebuild(_NESTED[f"{name}.{key}"], value)
             values[key] = _as_enum(getattr(cls(), key), values[key])
         sections[name] = cls(**values)
     return Config(**sections)
+
+
+def _rebuild(cls: type[Any], doc: dict[str, Any]) -> Any:
+    return cls(**{key: _as_enum(getattr(cls(), key), value) for key, value in doc.items()})
 
 
 def load(path: str | os.PathLike[str] | None, environ: Mapping[str, str]) -> Config:
@@ -143,7 +181,7 @@ def load(path: str | os.PathLike[str] | None, environ: Mapping[str, str]) -> Con
     if unknown:
         raise ConfigError(sorted(unknown)[0], "unknown section")
     cfg = Config(**sections)
-    cfg = dataclasses.replace(cfg, upstream=_resolve_password(cfg.upstream))
+    cfg = dataclasses.replace(cfg, upstream=_resolve_client_secret(_resolve_password(cfg.upstream)))
     validate(cfg)
     return cfg
 
@@ -175,12 +213,36 @@ def _apply_env(raw: dict[str, Any], environ: Mapping[str, str]) -> None:
         if section not in SECTIONS:
             continue  # other RELAYD_* variables (e.g. RELAYD_CONFIG) are not keys
         defaults = {f.name: f.default for f in dataclasses.fields(SECTIONS[section])}
-        if key not in defaults:
-            raise ConfigError(f"{section}.{key}", f"unknown key (from {name})")
-        current = raw.get(section)
-        raw[section] = dict(current) if isinstance(current, dict) else {}
+        target, field_name, fields = _env_target(raw, section, key, defaults)
+        if field_name not in fields:
+            dotted = (
+                f"{section}.{key}"
+                if fields is defaults
+                else f"{section}.{key}".replace("_", ".", 1)
+            )
+            raise ConfigError(dotted, f"unknown key (from {name})")
         # Strings stay verbatim: a password like "0123" or "yes" must not become 83 or True.
-        raw[section][key] = value if isinstance(defaults[key], str) else _env_value(value)
+        target[field_name] = value if isinstance(fields[field_name], str) else _env_value(value)
+
+
+def _env_target(
+    raw: dict[str, Any], section: str, key: str, defaults: dict[str, Any]
+) -> tuple[dict[str, Any], str, dict[str, Any]]:
+    """Where RELAYD_<SECTION>_<KEY> writes: the mapping, the key in it, that record's defaults.
+
+    RELAYD_UPSTREAM_OAUTH2_CLIENT_ID is upstream.oauth2.client_id: a nested record's name
+    followed by one of its keys.
+    """
+    current = raw.get(section)
+    raw[section] = dict(current) if isinstance(current, dict) else {}
+    for nested, cls in _NESTED.items():
+        outer, _, inner = nested.partition(".")
+        if outer == section and key.startswith(inner + "_"):
+            sub = raw[section].get(inner)
+            raw[section][inner] = dict(sub) if isinstance(sub, dict) else {}
+            fields = {f.name: f.default for f in dataclasses.fields(cls)}
+            return raw[section][inner], key[len(inner) + 1 :], fields
+    return raw[section], key, defaults
 
 
 def _env_value(value: str) -> Any:
@@ -209,6 +271,8 @@ def _section(name: str, cls: type[Any], data: Any) -> Any:
 
 
 def _coerce(key: str, default: Any, value: Any) -> Any:
+    if dataclasses.is_dataclass(default):
+        return _section(key, type(default), value)
     if isinstance(default, bool):
         if not isinstance(value, bool):
             raise ConfigError(key, f"expected true or false, got {value!r}")
@@ -252,6 +316,66 @@ def _resolve_password(up: UpstreamConfig) -> UpstreamConfig:
     except OSError as exc:
         raise ConfigError("upstream.password_file", f"cannot read: {exc.strerror}") from None
     return dataclasses.replace(up, password=secret)
+
+
+def _resolve_client_secret(up: UpstreamConfig) -> UpstreamConfig:
+    o = up.oauth2
+    key = "upstream.oauth2.client_secret_file"
+    if o.client_secret and o.client_secret_file:
+        raise ConfigError(key, "set either client_secret or client_secret_file")
+    if not o.client_secret_file:
+        return up
+    try:
+        secret = Path(o.client_secret_file).read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(key, f"cannot read: {exc.strerror}") from None
+    return dataclasses.replace(up, oauth2=dataclasses.replace(o, client_secret=secret))
+
+
+def _validate_oauth2(up: UpstreamConfig) -> None:
+    _check(up.auth in tuple(UpstreamAuth), "upstream.auth", "|".join(UpstreamAuth))
+    if up.auth != UpstreamAuth.OAUTH2:
+        return
+    o, k = up.oauth2, "upstream.oauth2."
+    _check(bool(up.username), "upstream.username", "required with auth: oauth2 (the mailbox)")
+    _check(not up.password, "upstream.password", "not used with auth: oauth2; remove it")
+    _check(o.provider in tuple(OAuth2Provider), k + "provider", "|".join(OAuth2Provider))
+    _check(bool(o.client_id), k + "client_id", "required")
+    _check(o.flow in tuple(OAuth2Flow), k + "flow", "|".join(OAuth2Flow))
+    _check(o.mechanism in tuple(SaslMechanism), k + "mechanism", "|".join(SaslMechanism))
+    _validate_oauth2_flow(o, k)
+    _check(
+        o.provider != OAuth2Provider.CUSTOM or bool(o.token_url),
+        k + "token_url",
+        "required for provider custom",
+    )
+    for name in ("token_url", "authorize_url", "device_authorization_url"):
+        url = getattr(o, name)
+        _check(not url or url.startswith("https://"), k + name, "must be an https:// URL")
+    if o.ca_file:
+        _check(Path(o.ca_file).is_file(), k + "ca_file", f"no such file: {o.ca_file}")
+
+
+def _validate_oauth2_flow(o: OAuth2Config, k: str) -> None:
+    if o.flow == OAuth2Flow.REFRESH_TOKEN:
+        _check(
+            bool(o.refresh_token_file),
+            k + "refresh_token_file",
+            "required (relayd oauth login writes it)",
+        )
+        return
+    _check(
+        o.provider != OAuth2Provider.GOOGLE,
+        k + "flow",
+        "Gmail has no client credentials flow: use refresh_token",
+    )
+    _check(bool(o.client_secret), k + "client_secret_file", "required for client_credentials")
+    _check(
+        o.provider != OAuth2Provider.MICROSOFT
+        or o.tenant not in ("", "common", "organizations", "consumers"),
+        k + "tenant",
+        "required for client_credentials: your directory's tenant id or domain",
+    )
 
 
 def _check(ok: bool, key: str, problem: str) -> None:
@@ -319,6 +443,7 @@ def _validate_upstream(up: UpstreamConfig) -> None:
         _check(Path(up.ca_file).is_file(), "upstream.ca_file", f"no such file: {up.ca_file}")
     if up.password and not up.username:
         raise ConfigError("upstream.username", "required when a password is set")
+    _validate_oauth2(up)
 
 
 def parse_hostport(key: str, value: str) -> tuple[str, int]:

@@ -230,7 +230,7 @@ class Relay:
             await _close(session)
             metrics.UPSTREAM_FAILURES.labels(step=err.step).inc()
             await self._defer(env, err, bound)
-            if err.step in ("dns", "connect", "tls", "banner", "ehlo", "auth"):
+            if err.step in ("dns", "connect", "tls", "banner", "ehlo", "token", "auth"):
                 await self._defer_waiting(err)
             return None
         metrics.DELIVERY_SECONDS.observe(time.monotonic() - started)
@@ -288,7 +288,7 @@ class Relay:
             for r in env.pending
         ]
         self.consecutive_failures += 1
-        self.last_error = {**error, "at": self.clock()}
+        self.last_error = {**error, "at": self.clock(), **({"hint": err.hint} if err.hint else {})}
         if err.step == "auth":
             bound.error("upstream.auth_failed", code=err.code, text=err.text, hint=err.hint)
         await self._apply(env, outcomes, bound, hint=err.hint)

@@ -43,6 +43,35 @@ class TlsMode(StrEnum):
     NONE = "none"
 
 
+class UpstreamAuth(StrEnum):
+    """upstream.auth: how relayd logs in to the provider."""
+
+    PASSWORD = "password"  # noqa: S105 - a mode name, not a secret
+    OAUTH2 = "oauth2"
+
+
+class OAuth2Provider(StrEnum):
+    """upstream.oauth2.provider: whose endpoints and scopes are preset."""
+
+    GOOGLE = "google"
+    MICROSOFT = "microsoft"
+    CUSTOM = "custom"
+
+
+class OAuth2Flow(StrEnum):
+    """upstream.oauth2.flow: how access tokens are obtained."""
+
+    REFRESH_TOKEN = "refresh_token"  # noqa: S105 - a grant type name, not a secret
+    CLIENT_CREDENTIALS = "client_credentials"
+
+
+class SaslMechanism(StrEnum):
+    """upstream.oauth2.mechanism: the SASL mechanism that carries the bearer token."""
+
+    XOAUTH2 = "xoauth2"
+    OAUTHBEARER = "oauthbearer"
+
+
 class LogFormat(StrEnum):
     """log.format."""
 

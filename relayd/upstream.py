@@ -19,10 +19,11 @@ from typing import Any
 import aiosmtplib
 import structlog
 
+from relayd import oauth
 from relayd.aiosmtplib_fence import crlf_clean, stream_body, streamable
 from relayd.config import UpstreamConfig
 from relayd.errors import UpstreamError
-from relayd.states import OutcomeStatus, TlsMode
+from relayd.states import OutcomeStatus, SaslMechanism, TlsMode, UpstreamAuth
 
 log = structlog.get_logger()
 
@@ -121,6 +122,7 @@ class Session:
         self.timings: list[StepTiming] = []
         self.sent = 0
         self.extensions: dict[str, str] = {}
+        self.mechanism = ""  # the SASL mechanism of an OAuth login
         # A transaction may be open (MAIL accepted, no final 250 yet): RSET before the next.
         # After a 250 to the final dot the session is already clean (RFC 5321 §4.1.1.4), so
         # a reused session skips RSET: one round trip of five per message.
@@ -159,7 +161,14 @@ class Session:
             await self._ehlo(smtp)
             if cfg.tls == TlsMode.STARTTLS:
                 await self._starttls(smtp, ctx)
-            if cfg.username:
+            if cfg.auth == UpstreamAuth.OAUTH2:
+                reply = await self._step("auth", self._oauth_login(smtp))
+                self.timings[-1].detail.update(
+                    mechanism=self.mechanism.upper(),
+                    offered=" ".join(smtp.server_auth_methods).upper(),
+                    reply=f"{reply.code} {reply.message}",
+                )
+            elif cfg.username:
                 reply = await self._step("auth", self._login(smtp))
                 self.timings[-1].detail.update(
                     mechanism=(smtp.supported_auth_methods or ["?"])[0].upper(),
@@ -286,6 +295,50 @@ class Session:
                 else "",
             ) from exc
 
+    async def _oauth_login(self, smtp: aiosmtplib.SMTP) -> aiosmtplib.SMTPResponse:
+        """AUTH with a bearer token; a refused token is renewed once and AUTH retried once."""
+        cfg = self.cfg
+        mechanism = self.mechanism = _bearer_mechanism(
+            cfg.oauth2.mechanism, smtp.server_auth_methods
+        )
+        source = oauth.source_for(cfg.oauth2, cfg.timeout)
+        token = await _token(source.token())
+        reply = await self._bearer(smtp, mechanism, token)
+        if reply.code != 235:
+            token = await _token(source.renew(token))
+            reply = await self._bearer(smtp, mechanism, token)
+        if reply.code != 235:
+            raise UpstreamError(
+                f"AUTH {mechanism.upper()} refused: {reply.code} {reply.message}",
+                step="auth",
+                temporary=True,
+                code=reply.code,
+                text=reply.message,
+                hint=oauth.rejected_hint(cfg.oauth2),
+            )
+        return reply
+
+    async def _bearer(
+        self, smtp: aiosmtplib.SMTP, mechanism: SaslMechanism, token: str
+    ) -> aiosmtplib.SMTPResponse:
+        user = self.cfg.username
+        if mechanism == SaslMechanism.OAUTHBEARER:
+            blob = oauth.sasl_oauthbearer(user, token)
+        else:
+            blob = oauth.sasl_xoauth2(user, token)
+        try:
+            reply = await smtp.execute_command(b"AUTH", mechanism.upper().encode(), blob.encode())
+            if reply.code == 334:
+                # The error arrives as a challenge (base64 JSON) the client must answer before
+                # the final reply: an empty line for XOAUTH2, a lone ^A for OAUTHBEARER
+                # (RFC 7628 §3.2.3).
+                reply = await smtp.execute_command(
+                    b"AQ==" if mechanism == SaslMechanism.OAUTHBEARER else b""
+                )
+        except aiosmtplib.SMTPException as exc:
+            raise UpstreamError(f"AUTH failed: {exc}", step="auth", temporary=True) from exc
+        return reply
+
     async def send(self, mail_from: str, rcpt_to: list[str], data: bytes) -> list[Outcome]:
         """Send one message; per-recipient outcomes, or UpstreamError if the session broke."""
         smtp = self.smtp
@@ -403,6 +456,39 @@ def tls_details(smtp: aiosmtplib.SMTP) -> dict[str, Any]:
         "expires_at": ssl.cert_time_to_seconds(str(expires)) if expires else None,
         "verified": obj.context.verify_mode == ssl.CERT_REQUIRED,
     }
+
+
+def _bearer_mechanism(configured: SaslMechanism, offered: list[str]) -> SaslMechanism:
+    """The configured mechanism, or the other bearer one when only it is offered."""
+    names = {m.lower() for m in offered}
+    other = (
+        SaslMechanism.OAUTHBEARER if configured == SaslMechanism.XOAUTH2 else SaslMechanism.XOAUTH2
+    )
+    for mechanism in (configured, other):
+        if mechanism in names:
+            return mechanism
+    raise UpstreamError(
+        f"the server offers neither XOAUTH2 nor OAUTHBEARER (AUTH {' '.join(sorted(names))})",
+        step="auth",
+        temporary=True,
+        hint="this server takes no OAuth login: use auth: password",
+    )
+
+
+async def _token(pending: Any) -> str:
+    """Await a token; the token endpoint's refusal or outage as an UpstreamError."""
+    try:
+        token: str = await pending
+    except oauth.ReauthRequired as exc:
+        raise UpstreamError(
+            f"OAuth: {exc}", step="auth", temporary=True, text=str(exc), hint=exc.fix
+        ) from None
+    except oauth.TokenError as exc:
+        hint = "the token endpoint is unreachable or failing; relayd keeps retrying"
+        if not exc.temporary:
+            hint = "check upstream.oauth2 (scope, endpoints) against the provider's app settings"
+        raise UpstreamError(f"OAuth: {exc}", step="token", temporary=True, hint=hint) from None
+    return token
 
 
 def _refused(

@@ -39,7 +39,26 @@ def forms(user: str, password: str) -> list[str]:
     ]
 
 
-SECRET_FORMS = [*forms(USER, PASSWORD), *forms(SUBMITTER, SUBMITTER_PASSWORD)]
+def bearer_forms(user: str, token: str) -> list[str]:
+    """An OAuth secret raw and base64, and a token inside the XOAUTH2 and OAUTHBEARER strings."""
+    b64 = base64.b64encode
+    return [
+        token,
+        b64(token.encode()).decode(),
+        b64(f"user={user}\x01auth=Bearer {token}\x01\x01".encode()).decode(),
+        b64(f"n,a={user},\x01auth=Bearer {token}\x01\x01".encode()).decode(),
+    ]
+
+
+# The test OAuth provider's client secret and first refresh token (tests/oauthfake.py); every
+# access and refresh token it issues later is appended here as it is handed out.
+OAUTH_CLIENT_SECRET, OAUTH_FIRST_REFRESH = "cl1ent-Secret-xyz", "rt-first-0123456789"
+SECRET_FORMS = [
+    *forms(USER, PASSWORD),
+    *forms(SUBMITTER, SUBMITTER_PASSWORD),
+    *bearer_forms(USER, OAUTH_CLIENT_SECRET),
+    *bearer_forms(USER, OAUTH_FIRST_REFRESH),
+]
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -136,6 +136,8 @@ def _summary(status: DaemonStatus, failures: int, oldest: float) -> str:
         parts.append(
             f"{failures} failed attempts in a row, last at {error.get('step')}: {code}{text}"
         )
+        if error.get("hint"):  # e.g. an OAuth grant that only a new login fixes
+            parts.append(f"fix: {' '.join(str(error['hint']).split())[:300]}")
     elif last_delivery:
         parts.append(f"last delivery {time.time() - last_delivery:.0f}s ago")
     return ", ".join(parts)

@@ -1,4 +1,4 @@
-"""Command line: serve | queue … | check | health | sendmail | passwd | --version.
+"""Command line: serve | queue … | check | health | sendmail | passwd | oauth … | --version.
 
 One module per command (each with add_parser(sub, common) and its run functions) and
 cli.common for what they share; this package only assembles the parser and holds the two
@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from relayd import __version__
-from relayd.cli import check, health, passwd, queue, sendmail, serve
+from relayd.cli import check, health, oauth, passwd, queue, sendmail, serve
 from relayd.cli.common import Parser, run_command
 
 __all__ = ["build_parser", "main", "sendmail_main"]
@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="YAML config file (default: $RELAYD_CONFIG, else built-in defaults + RELAYD_*)",
     )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
-    for command in (serve, queue, check, sendmail, health, passwd):
+    for command in (serve, queue, check, sendmail, health, passwd, oauth):
         command.add_parser(sub, common)
     return parser
 

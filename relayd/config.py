@@ -167,8 +167,15 @@ def _rebuild(cls: type[Any], doc: dict[str, Any]) -> Any:
     return cls(**{key: _as_enum(getattr(cls(), key), value) for key, value in doc.items()})
 
 
-def load(path: str | os.PathLike[str] | None, environ: Mapping[str, str]) -> Config:
-    """Read, override and validate; raise ConfigError naming the first bad key."""
+def load(
+    path: str | os.PathLike[str] | None, environ: Mapping[str, str], serve: bool = True
+) -> Config:
+    """Read, override and validate; raise ConfigError naming the first bad key.
+
+    serve=False skips what only a listening daemon needs (who may submit, the metrics
+    address): a `queue` or `health` command run next to the daemon, e.g. in a second
+    container with the image's environment, must not refuse over the daemon's exposure.
+    """
     raw = _read_file(path) if path else {}
     if "spool" not in raw or "path" not in (raw.get("spool") or {}):
         state_dir = environ.get("STATE_DIRECTORY")  # systemd's StateDirectory=
@@ -182,7 +189,7 @@ def load(path: str | os.PathLike[str] | None, environ: Mapping[str, str]) -> Con
         raise ConfigError(sorted(unknown)[0], "unknown section")
     cfg = Config(**sections)
     cfg = dataclasses.replace(cfg, upstream=_resolve_client_secret(_resolve_password(cfg.upstream)))
-    validate(cfg)
+    validate(cfg, serve)
     return cfg
 
 
@@ -383,9 +390,11 @@ def _check(ok: bool, key: str, problem: str) -> None:
         raise ConfigError(key, problem)
 
 
-def validate(cfg: Config) -> None:
+def validate(cfg: Config, serve: bool = True) -> None:
     """Reject impossible values; the message names the key."""
     _validate_listen(cfg.listen)
+    if serve:
+        _validate_exposure(cfg)
     _check(bool(cfg.spool.path), "spool.path", "must not be empty")
     _validate_upstream(cfg.upstream)
     rt = cfg.retry
@@ -402,8 +411,6 @@ def validate(cfg: Config) -> None:
         "uvloop is not installed (pip install 'relayd[uvloop]')",
     )
     _check(cfg.log.level in LOG_LEVELS, "log.level", "|".join(LOG_LEVELS))
-    if cfg.metrics.listen:
-        parse_hostport("metrics.listen", cfg.metrics.listen)
 
 
 def _validate_listen(ls: ListenConfig) -> None:
@@ -412,6 +419,11 @@ def _validate_listen(ls: ListenConfig) -> None:
     _check(ls.max_message_size > 0, "listen.max_message_size", "must be > 0")
     _check(ls.max_recipients > 0, "listen.max_recipients", "must be > 0")
     _check(ls.timeout > 0, "listen.timeout", "must be > 0")
+
+
+def _validate_exposure(cfg: Config) -> None:
+    """The listener's and the metrics endpoint's addresses: only `serve` binds them."""
+    ls = cfg.listen
     for cidr in ls.allowed_networks:
         try:
             ipaddress.ip_network(cidr, strict=False)
@@ -431,6 +443,8 @@ def _validate_listen(ls: ListenConfig) -> None:
             "listen.users_file",
             f"AUTH is plaintext here; bind {ls.host} only on loopback or a private network",
         )
+    if cfg.metrics.listen:
+        parse_hostport("metrics.listen", cfg.metrics.listen)
 
 
 def _validate_upstream(up: UpstreamConfig) -> None:

@@ -37,10 +37,13 @@ class Parser(argparse.ArgumentParser):
         self.exit(EX_USAGE, f"{self.prog}: {message} (see --help)\n")
 
 
-def load_config(args: argparse.Namespace, dev: bool = False) -> Config:
-    """The config every command uses: --config file, then RELAYD_* from the environment."""
+def load_config(args: argparse.Namespace, dev: bool = False, serve: bool = False) -> Config:
+    """The config every command uses: --config file, then RELAYD_* from the environment.
+
+    Only `serve` validates the listener's exposure (config.load's serve).
+    """
     environ = dict(os.environ)
-    cfg = config_mod.load(args.config, environ)
+    cfg = config_mod.load(args.config, environ, serve=serve)
     spool_set = bool(environ.get("RELAYD_SPOOL_PATH") or environ.get("STATE_DIRECTORY"))
     if dev and not spool_set and cfg.spool.path == config_mod.DEFAULT_SPOOL:
         cfg = dataclasses.replace(cfg, spool=dataclasses.replace(cfg.spool, path=DEV_SPOOL))

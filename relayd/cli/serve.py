@@ -24,7 +24,7 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from relayd import app  # the daemon's imports are paid only by `serve`
 
-    cfg = load_config(args, dev=args.dev)
+    cfg = load_config(args, dev=args.dev, serve=True)
     if not args.dev and not cfg.upstream.host:
         raise ConfigError(
             "upstream.host",

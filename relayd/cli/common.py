@@ -17,6 +17,7 @@ import dataclasses
 import os
 import signal
 import sys
+from pathlib import Path
 from typing import NoReturn
 
 from relayd import config as config_mod
@@ -61,17 +62,38 @@ def open_spool(cfg: Config) -> Spool:
 
 
 def signal_daemon(spool: Spool, sig: signal.Signals = signal.SIGUSR2) -> int | None:
-    """Tell the running daemon (if any) to rescan; returns its pid, or None if none runs."""
+    """Tell the running daemon (if any) to rescan; returns its pid, or None if none runs.
+
+    A daemon holds the lock but its pid names no relayd here when it runs in another pid
+    namespace (another container on the same volume): the pid in relayd.lock is then some
+    other process of ours, often this very command as pid 1, and signalling it would report
+    success while the daemon never heard. Say so, and how to reach it.
+    """
     pid = spool.daemon_pid()
     if pid is None:
         return None
+    if not _is_daemon(pid):
+        raise SpoolError(
+            f"a relayd serves {spool.root} but not in this pid namespace (its pid {pid} is "
+            "not relayd here), so it was not told; from its container run: "
+            "docker exec <container> relayd queue flush"
+        )
     try:
         os.kill(pid, sig)
-    except ProcessLookupError:
-        return None
     except PermissionError:
         raise SpoolError(f"cannot signal relayd (pid {pid}): run as the user it runs as") from None
     return pid
+
+
+def _is_daemon(pid: int) -> bool:
+    """Whether pid is a `relayd serve` in this pid namespace (True when /proc cannot tell)."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True  # /proc hidden from us (hidepid): let kill decide
+    return b"serve" in argv and any(b"relayd" in arg for arg in argv)
 
 
 def run_command(func: object, args: argparse.Namespace) -> int:

@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +19,19 @@ STARTED: list[asyncio.subprocess.Process] = []
 
 
 class ServeProcess:
-    def __init__(self, env: dict[str, str], args: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        env: dict[str, str],
+        args: list[str] | None = None,
+        preexec: Callable[[], None] | None = None,
+        wrapper: list[str] | None = None,
+    ) -> None:
         self.env = {**os.environ, **env, "RELAYD_LOG_FORMAT": "json"}
         self.args = args or []
+        # Run in the child before exec (e.g. resource limits); a command the daemon is run
+        # under (e.g. unshare), which must exec it in the same process.
+        self.preexec = preexec
+        self.wrapper = wrapper or []
         self.proc: asyncio.subprocess.Process | None = None
         self.lines: list[dict[str, Any]] = []
         self.raw: list[str] = []
@@ -31,6 +42,7 @@ class ServeProcess:
     async def start(self, timeout: float = 30.0) -> ServeProcess:
         self._started = asyncio.Event()
         self.proc = await asyncio.create_subprocess_exec(
+            *self.wrapper,
             sys.executable,
             "-m",
             "relayd",
@@ -40,6 +52,7 @@ class ServeProcess:
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,
+            preexec_fn=self.preexec,
         )
         STARTED.append(self.proc)
         self._reader = asyncio.create_task(self._read(self.proc))

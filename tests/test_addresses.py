@@ -1,0 +1,86 @@
+"""Envelope addresses the provider could never be given: refused at MAIL/RCPT, not spooled.
+
+A control character (C0, DEL, C1) or bytes that are not UTF-8 in an address used to get 250 at
+DATA and then sit in the queue for ever: the client library refuses such an argument at every
+attempt. RFC 3463: X.1.7 is "bad sender's mailbox address syntax" (sent with 501, a syntax
+error in the parameters), X.1.3 "bad destination mailbox address syntax" (with 553, "mailbox
+name not allowed", RFC 5321 §4.2.2).
+"""
+
+from __future__ import annotations
+
+import pytest
+from conftest import eventually, message
+from proc import ServeProcess, serve_env
+from wire import Wire
+
+BAD = [
+    pytest.param(b"a\x1bb@example.org", id="esc"),
+    pytest.param(b"a\x1b[2Jb@example.org", id="esc-csi"),
+    pytest.param(b"a\x1b]0;pwned\x07b@example.org", id="osc-title"),
+    pytest.param(b"a\x00b@example.org", id="nul"),
+    pytest.param(b"a\tb@example.org", id="tab"),
+    pytest.param(b"a\x7fb@example.org", id="del"),
+    pytest.param("a\x9bb@example.org".encode(), id="c1-csi"),
+    pytest.param(b"a\xffb@example.org", id="not-utf8"),
+    pytest.param(b"a\xed\xa0\x80b@example.org", id="utf8-surrogate"),
+]
+
+
+@pytest.fixture
+async def daemon(tmp_path, pki, sink):
+    proc = await ServeProcess(serve_env(tmp_path / "spool", sink.port, pki.ca_file)).start()
+    try:
+        yield proc
+    finally:
+        assert await proc.stop() == 0
+
+
+@pytest.mark.parametrize("address", BAD)
+async def test_a_bad_sender_address_gets_501_5_1_7_at_mail(daemon, sink, address):
+    """MAIL FROM with a control character or non-UTF-8 bytes: 501 5.1.7, and the session
+    goes on: the next, clean transaction is accepted and delivered."""
+    wire = await Wire.open(daemon.port)
+    try:
+        await wire.greet()
+        code, text = await wire.cmd(b"MAIL FROM:<" + address + b">")
+        assert (code, text[:5]) == (501, "5.1.7"), (code, text)
+        assert (await wire.cmd(b"MAIL FROM:<app@example.com>"))[0] == 250
+        assert (await wire.cmd(b"RCPT TO:<u@example.org>"))[0] == 250
+        assert (await wire.cmd(b"DATA"))[0] == 354
+        assert (await wire.cmd(message("clean") + b".\r\n"))[0] == 250
+    finally:
+        wire.close()
+    await eventually(lambda: sink.messages, what="the clean message delivered")
+    assert [m.mail_from for m in sink.messages] == ["app@example.com"]
+
+
+@pytest.mark.parametrize("address", BAD)
+async def test_a_bad_recipient_address_gets_553_5_1_3_at_rcpt(daemon, sink, address):
+    """RCPT TO with a control character or non-UTF-8 bytes: 553 5.1.3; the good recipient of
+    the same transaction is kept, and only it is delivered."""
+    wire = await Wire.open(daemon.port)
+    try:
+        await wire.greet()
+        assert (await wire.cmd(b"MAIL FROM:<app@example.com>"))[0] == 250
+        code, text = await wire.cmd(b"RCPT TO:<" + address + b">")
+        assert (code, text[:5]) == (553, "5.1.3"), (code, text)
+        assert (await wire.cmd(b"RCPT TO:<u@example.org>"))[0] == 250
+        assert (await wire.cmd(b"DATA"))[0] == 354
+        assert (await wire.cmd(message("one-good") + b".\r\n"))[0] == 250
+    finally:
+        wire.close()
+    await eventually(lambda: sink.messages, what="delivery")
+    assert [m.rcpt_tos for m in sink.messages] == [["u@example.org"]]
+
+
+async def test_a_utf8_address_is_still_accepted(daemon, sink):
+    """Non-ASCII but valid UTF-8 (SMTPUTF8, RFC 6531) is not a control character: 250."""
+    wire = await Wire.open(daemon.port)
+    try:
+        await wire.greet()
+        mail = "MAIL FROM:<jos\u00e9@example.com> SMTPUTF8".encode()
+        assert (await wire.cmd(mail))[0] == 250
+        assert (await wire.cmd("RCPT TO:<\u00fcser@example.org>".encode()))[0] == 250
+    finally:
+        wire.close()

@@ -1,0 +1,95 @@
+"""The library fences: every private member of aiosmtpd and aiosmtplib that relayd relies on is
+listed by its fence, checked at start-up, and has a public fallback where one exists.
+
+A rename of one such member in a library release used to go unnoticed until every message was
+stored and then answered 421 (so every client sent it again). These tests take each listed
+member away from the library, in a real `relayd serve` / `relayd check` process, through a
+sitecustomize module that runs before relayd is imported.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import free_port
+from proc import serve_env
+
+from relayd import aiosmtpd_fence, aiosmtplib_fence
+
+MEMBERS = [
+    pytest.param(owner, name, id=f"{owner.rsplit('.', 1)[-1]}.{name}")
+    for fence in (aiosmtpd_fence, aiosmtplib_fence)
+    for owner, names in fence.PRIVATE_MEMBERS.items()
+    for name in names
+]
+
+# Takes NAME away from the library class OWNER as a release renaming it would: a class
+# attribute is deleted where it is defined; an instance attribute is stored under another name.
+SITECUSTOMIZE = """
+import importlib
+module, _, cls_name = {owner!r}.rpartition(".")
+cls = getattr(importlib.import_module(module), cls_name)
+for klass in cls.__mro__:
+    if {name!r} in vars(klass):
+        delattr(klass, {name!r})
+        break
+_set = cls.__setattr__
+def __setattr__(self, key, value):
+    _set(self, key + "_renamed" if key == {name!r} else key, value)
+cls.__setattr__ = __setattr__
+"""
+
+
+async def relayd(env: dict[str, str], *args: str) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "relayd",
+        *args,
+        env={**os.environ, **env},
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+def without(tmp_path: Path, owner: str, name: str) -> dict[str, str]:
+    """Environment for a relayd process whose library lacks owner.name."""
+    site = tmp_path / "site"
+    site.mkdir(exist_ok=True)
+    (site / "sitecustomize.py").write_text(SITECUSTOMIZE.format(owner=owner, name=name))
+    path = os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH", "")) if p)
+    return {"PYTHONPATH": path}
+
+
+def test_every_fence_lists_something():
+    """Each fence names the library class it reaches into and at least one member."""
+    assert MEMBERS and all(isinstance(p.values[1], str) for p in MEMBERS)
+
+
+@pytest.mark.parametrize(("owner", "name"), MEMBERS)
+async def test_serve_refuses_to_start_without_a_fenced_member(tmp_path, pki, owner, name):
+    """Any listed member missing: `relayd serve` exits 78 with one line naming it, before it
+    listens or touches the spool, and no traceback."""
+    env = serve_env(tmp_path / "spool", free_port(), pki.ca_file) | without(tmp_path, owner, name)
+    code, _, err = await relayd(env, "serve")
+    assert code == 78, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and name in lines[0] and "Traceback" not in err, err
+    assert not (tmp_path / "spool").exists()
+
+
+async def test_check_refuses_to_run_without_a_fenced_member(tmp_path, pki):
+    """`relayd check` makes the same check: exit 78, one line."""
+    owner, names = next(iter(aiosmtplib_fence.PRIVATE_MEMBERS.items()))
+    env = serve_env(tmp_path / "spool", free_port(), pki.ca_file)
+    code, out, err = await relayd(env | without(tmp_path, owner, names[0]), "check")
+    assert code == 78, out + err
+    assert len(err.strip().splitlines()) == 1 and names[0] in err, out + err

@@ -18,13 +18,22 @@ class Notifier:
         pid = environ.get("WATCHDOG_PID", "")
         mine = not pid or pid == str(os.getpid())
         self.watchdog_interval = int(usec) / 2e6 if usec.isdigit() and mine else 0.0
+        self.error = ""  # why the last send failed ("" after one that worked)
 
     def send(self, *fields: str) -> bool:
+        """True when the datagram left; False without systemd or when it could not be sent.
+
+        Creating the socket fails too when the process is out of descriptors (EMFILE): the
+        caller decides what a missed ping means, it never ends the daemon.
+        """
         if not self.address:
             return False
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-            try:
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+                sock.setblocking(False)  # a full receiver queue must not stall the event loop
                 sock.sendto("\n".join(fields).encode(), self.address)
-            except OSError:
-                return False
+        except OSError as exc:
+            self.error = exc.strerror or type(exc).__name__
+            return False
+        self.error = ""
         return True

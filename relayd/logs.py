@@ -14,6 +14,7 @@ from typing import Any, TextIO
 
 import structlog
 
+from relayd import text
 from relayd.states import LogFormat
 
 _SECRETS: set[str] = set()
@@ -64,6 +65,23 @@ def _redactor(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMappin
     return event
 
 
+class _Printable:
+    """A console renderer whose lines carry no control character (text.printable).
+
+    ConsoleRenderer quotes (repr) only values with spaces or quotes in them, and never the
+    event: an address or a login name with ESC in it would reach the terminal as it came.
+    The event is escaped whole (its newlines too); the rendered line is escaped per line, so
+    only the renderer's own line breaks, before a traceback, remain.
+    """
+
+    def __init__(self, renderer: Any) -> None:
+        self.renderer = renderer
+
+    def __call__(self, logger: Any, name: str, event: MutableMapping[str, Any]) -> str:
+        event["event"] = text.printable(str(event.get("event", "")))
+        return text.printable_lines(str(self.renderer(logger, name, event)))
+
+
 def setup(fmt: str = LogFormat.JSON, level: str = "info", stream: TextIO | None = None) -> None:
     """Configure structlog and the stdlib loggers libraries use; safe to call again on reload."""
     out = stream or sys.stderr
@@ -76,9 +94,10 @@ def setup(fmt: str = LogFormat.JSON, level: str = "info", stream: TextIO | None 
         _redactor,
     ]
     renderer: Any = (
-        structlog.processors.JSONRenderer()
+        # ASCII JSON: every control character in a value is a \u escape (json's default).
+        structlog.processors.JSONRenderer(ensure_ascii=True)
         if fmt == LogFormat.JSON
-        else structlog.dev.ConsoleRenderer(colors=False)
+        else _Printable(structlog.dev.ConsoleRenderer(colors=False))
     )
     structlog.configure(
         processors=[*shared, renderer],

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 from conftest import eventually, message
 from proc import ServeProcess, serve_env
-from wire import Wire
+from rawsmtp import Wire
 
 BAD = [
     pytest.param(b"a\x1bb@example.org", id="esc"),

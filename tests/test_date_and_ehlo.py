@@ -11,7 +11,7 @@ import sys
 import pytest
 from conftest import Sink, eventually, start_sink, stop_sink, submit
 from proc import ServeProcess, serve_env
-from wire import Wire
+from rawsmtp import Wire
 
 BARE = b"From: app@example.com\r\nTo: u@example.org\r\nSubject: no date\r\n\r\nHi.\r\n"
 

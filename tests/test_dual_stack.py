@@ -17,7 +17,7 @@ import sys
 import pytest
 from conftest import free_port
 from proc import ServeProcess, serve_env
-from wire import Wire, has_ipv6_loopback
+from rawsmtp import Wire, has_ipv6_loopback
 
 from relayd.server import Handler
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from conftest import free_port
 from proc import ServeProcess, serve_env
-from wire import Wire
+from rawsmtp import Wire
 
 MiB = 1 << 20
 LINE = b"a:b\r\n"  # the shortest header lines: the most of them in 25 MiB

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from conftest import eventually, message, submit
 from proc import ServeProcess, serve_env
-from wire import Wire
+from rawsmtp import Wire
 
 from relayd import config as config_mod
 from relayd import eventloop

@@ -32,7 +32,7 @@ from conftest import (
     submit,
 )
 from proc import ServeProcess, serve_env
-from wire import Wire
+from rawsmtp import Wire
 
 from relayd import auth
 from relayd.spool import Spool

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from relayd import config as config_mod
-from relayd import logs
+from relayd import logs, text
 from relayd.config import Config
 from relayd.errors import ConfigError, RelaydError, SpoolError
 from relayd.spool import Spool
@@ -102,10 +102,10 @@ def run_command(func: object, args: argparse.Namespace) -> int:
         code = func(args)  # type: ignore[operator]  # set by set_defaults(func=...)
         return int(code)
     except ConfigError as exc:
-        print(f"relayd: config: {logs.redact(str(exc))}", file=sys.stderr)
+        warn(f"relayd: config: {exc}")
         return EX_CONFIG
     except RelaydError as exc:
-        print(f"relayd: {logs.redact(str(exc))}", file=sys.stderr)
+        warn(f"relayd: {exc}")
         return EX_FAIL
     except KeyboardInterrupt:
         return 130
@@ -113,6 +113,22 @@ def run_command(func: object, args: argparse.Namespace) -> int:
         return EX_OK
 
 
-def say(line: str = "") -> None:
-    """Print one line through logs.redact, so no secret reaches the terminal."""
-    print(logs.redact(line), flush=True)
+def _shown(line: str) -> str:
+    # Secrets out first, then strangers' control characters escaped (text.printable): every
+    # line a command shows a person passes here, so neither reaches the terminal.
+    return text.printable(logs.redact(line)) + "\n"
+
+
+def say(*lines: str) -> None:
+    """Print lines on stdout for a person: secrets redacted, control characters escaped.
+
+    Each line is one line: a newline inside one is a stranger's and is shown as \\n.
+    """
+    sys.stdout.write("".join(_shown(line) for line in lines or ("",)))
+    sys.stdout.flush()
+
+
+def warn(line: str) -> None:
+    """say() for stderr: errors and notes that are not the command's output."""
+    sys.stderr.write(_shown(line))
+    sys.stderr.flush()

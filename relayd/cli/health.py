@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from relayd.cli.common import load_config
+from relayd.cli.common import load_config, say
 from relayd.spool import Spool
 from relayd.states import SpoolDir
 from relayd.wire import STATUS_FILE, DaemonStatus
@@ -58,7 +58,7 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args)
     ok, line = check(Path(cfg.spool.path), args.strict, args.max_failures, args.max_age)
-    print(f"relayd: {line}")
+    say(f"relayd: {line}")
     return 0 if ok else 1
 
 

@@ -14,7 +14,8 @@ import sys
 import time
 from typing import Any
 
-from relayd.cli.common import load_config, open_spool, signal_daemon
+from relayd import text
+from relayd.cli.common import load_config, open_spool, say, signal_daemon, warn
 from relayd.errors import RelaydError, SpoolError
 from relayd.spool import Envelope, Spool, iso
 from relayd.states import RcptState, SpoolDir
@@ -115,17 +116,19 @@ def cmd_list(args: argparse.Namespace) -> int:
         out = sys.stdout
         out.write("[\n")
         for i, env in enumerate(envs):
-            out.write(("," if i else "") + json.dumps(record(env, now), ensure_ascii=False) + "\n")
+            # ASCII JSON: every control character (C1 included) is a \\u escape, and an
+            # address that was not UTF-8 (a lone surrogate) cannot make the encoder raise.
+            out.write(("," if i else "") + json.dumps(record(env, now)) + "\n")
         out.write("]\n")
         return 0
     if not envs:
-        print("queue empty" if args.state != "failed" else "no failed messages")
+        say("queue empty" if args.state != "failed" else "no failed messages")
         return 0
     width = shutil.get_terminal_size((120, 24)).columns
     rows = [_row(e, now) for e in envs]
-    print(table(["ID", "STATE", "AGE", "TRIES", "NEXT", "SIZE", "FROM", "TO", "LAST"], rows, width))
+    head = ["ID", "STATE", "AGE", "TRIES", "NEXT", "SIZE", "FROM", "TO", "LAST"]
     queued = sum(e.state == SpoolDir.QUEUE for e in envs)
-    print(f"{queued} queued, {len(envs) - queued} failed")
+    say(*table(head, rows, width), f"{queued} queued, {len(envs) - queued} failed")
     return 0
 
 
@@ -163,8 +166,10 @@ def size(n: int) -> str:
     return f"{n}" if n < 10_000 else f"{n // 1024}K" if n < 10_000_000 else f"{n >> 20}M"
 
 
-def table(head: list[str], rows: list[list[str]], width: int) -> str:
-    """Columns padded to their widest cell; the last three share what is left of width."""
+def table(head: list[str], rows: list[list[str]], width: int) -> list[str]:
+    """Lines of columns padded to their widest cell; the last three share what is left."""
+    # Widths as shown: say() escapes control characters, which makes a cell longer.
+    rows = [[text.printable(cell) for cell in row] for row in rows]
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     fixed = sum(widths[:-3]) + 2 * (len(head) - 1)
     room = max(width - fixed, 30)
@@ -178,7 +183,7 @@ def table(head: list[str], rows: list[list[str]], width: int) -> str:
     for r in [head, *rows]:
         cells = [_fit(c, w) for c, w in zip(r, widths, strict=True)]
         lines.append("  ".join(cells).rstrip())
-    return "\n".join(lines)
+    return lines
 
 
 def _fit(text: str, width: int) -> str:
@@ -189,15 +194,19 @@ def cmd_show(args: argparse.Namespace) -> int:
     spool = open_spool(load_config(args))
     env = resolve(spool, args.id)
     if args.raw:
-        sys.stdout.buffer.write(spool.read(env))
-        sys.stdout.flush()
+        raw = spool.read(env)
+        if sys.stdout.isatty():  # the message as text, its control characters escaped
+            say(*raw.decode("utf-8", "surrogateescape").replace("\r\n", "\n").split("\n"))
+        else:  # byte for byte into a pipe or a file
+            sys.stdout.buffer.write(raw)
+            sys.stdout.flush()
         return 0
     now = time.time()
     if args.json:
-        json.dump(record(env, now, history=True), sys.stdout, indent=1, ensure_ascii=False)
-        print()
+        json.dump(record(env, now, history=True), sys.stdout, indent=1)  # ASCII: see cmd_list
+        sys.stdout.write("\n")
         return 0
-    print("\n".join(_show_lines(env, now)))
+    say(*_show_lines(env, now))
     return 0
 
 
@@ -244,7 +253,7 @@ def _targets(spool: Spool, ids: list[str], every: bool, states: tuple[str, ...])
 
 def _report(spool: Spool, verb: str, count: int, missing: list[str]) -> int:
     for ident in missing:
-        print(f"relayd: no such message: {ident}", file=sys.stderr)
+        warn(f"relayd: no such message: {ident}")
     pid = signal_daemon(spool) if count else None
     where = (
         f"relayd (pid {pid}) will attempt them now"
@@ -253,7 +262,7 @@ def _report(spool: Spool, verb: str, count: int, missing: list[str]) -> int:
         if verb == "retried"
         else ""
     )
-    print(f"{verb} {count} message{'s' if count != 1 else ''}" + (f"; {where}" if where else ""))
+    say(f"{verb} {count} message{'s' if count != 1 else ''}" + (f"; {where}" if where else ""))
     return 1 if missing else 0
 
 

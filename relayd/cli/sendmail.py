@@ -21,7 +21,7 @@ from email.parser import BytesHeaderParser
 from typing import Any, NoReturn
 
 from relayd import logs
-from relayd.cli.common import load_config, signal_daemon
+from relayd.cli.common import load_config, signal_daemon, warn
 from relayd.config import Config
 from relayd.errors import ConfigError, RelaydError, SpoolError
 from relayd.message import add_missing_headers
@@ -76,7 +76,7 @@ def main(argv: Sequence[str]) -> int:
     try:
         args = build_parser().parse_args(list(argv))
     except UsageError as exc:
-        print(f"relayd-sendmail: {exc}", file=sys.stderr)
+        warn(f"relayd-sendmail: {exc}")
         return EX_USAGE
     if args.help:
         build_parser().print_help()
@@ -84,13 +84,13 @@ def main(argv: Sequence[str]) -> int:
     try:
         return _run(args)
     except UsageError as exc:
-        print(f"relayd-sendmail: {exc}", file=sys.stderr)
+        warn(f"relayd-sendmail: {exc}")
         return EX_USAGE
     except ConfigError as exc:
-        print(f"relayd-sendmail: config: {logs.redact(str(exc))}", file=sys.stderr)
+        warn(f"relayd-sendmail: config: {exc}")
         return EX_CONFIG
     except RelaydError as exc:
-        print(f"relayd-sendmail: {logs.redact(str(exc))}", file=sys.stderr)
+        warn(f"relayd-sendmail: {exc}")
         return EX_TEMPFAIL
 
 
@@ -193,20 +193,20 @@ def submit(cfg: Config, sender: str, rcpts: list[str], data: bytes, verbose: boo
     except smtplib.SMTPResponseException as exc:
         err = exc.smtp_error
         text = err.decode(errors="replace") if isinstance(err, bytes) else str(err)
-        print(f"relayd-sendmail: refused: {exc.smtp_code} {text}", file=sys.stderr)
+        warn(f"relayd-sendmail: refused: {exc.smtp_code} {text}")
         return EX_TEMPFAIL if exc.smtp_code < 500 else EX_DATAERR
     except (OSError, smtplib.SMTPException) as exc:
         # Nothing accepted it (refused, reset, timed out): keep it in the spool ourselves.
         return maildrop(cfg, sender, rcpts, data, exc, verbose)
     if verbose:
-        print(f"relayd-sendmail: handed to relayd at {host}:{cfg.listen.port}", file=sys.stderr)
+        warn(f"relayd-sendmail: handed to relayd at {host}:{cfg.listen.port}")
     return _refused(refused) if refused else EX_OK
 
 
 def _refused(refused: dict[str, tuple[int, Any]]) -> int:
     for addr, (code, text) in refused.items():
         words = text.decode(errors="replace") if isinstance(text, bytes) else str(text)
-        print(f"relayd-sendmail: {addr}: {code} {words}", file=sys.stderr)
+        warn(f"relayd-sendmail: {addr}: {code} {words}")
     temporary = any(code < 500 for code, _ in refused.values())
     return EX_TEMPFAIL if temporary else EX_NOUSER
 
@@ -232,5 +232,5 @@ def maildrop(
         pid = None
     when = f"relayd (pid {pid}) will pick it up" if pid else "it goes out when relayd starts"
     if verbose:
-        print(f"relayd-sendmail: queued {env.id} in {spool.root} ({when})", file=sys.stderr)
+        warn(f"relayd-sendmail: queued {env.id} in {spool.root} ({when})")
     return EX_OK

@@ -15,7 +15,7 @@ import json
 import os
 import signal
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,11 +66,12 @@ class Daemon:
         self.endpoint: Endpoint | None = None
         self.heartbeat = time.monotonic()
         self.failed_count = 0
+        self.chores = Chores()
 
     def _connect(self) -> Deliverer:
         if self.dev:
             return Outbox(self.spool)
-        return Session(self.relay.cfg.upstream, self.cfg.listen.hostname)
+        return Session(self.relay.cfg.upstream, self.relay.cfg.ehlo_name)
 
     async def run(self) -> int:
         self.spool.create()
@@ -99,7 +100,8 @@ class Daemon:
             await asyncio.to_thread(self.endpoint.stop)
         if self.signals:
             self._remove_signals()
-        await asyncio.to_thread(self._write_status, self._status())
+        with contextlib.suppress(OSError):
+            await asyncio.to_thread(self._write_status, self._status())
         self.spool.unlock()
         log.info("server.stopped", queued=self.relay.depth)
         return 0
@@ -235,16 +237,21 @@ class Daemon:
         self.notifier.send("READY=1", "STATUS=config reloaded")
 
     async def _housekeeping(self) -> None:
-        """Watchdog ping, gauges, STATUS= and status.json; proves the event loop is alive."""
+        """Watchdog ping, gauges, STATUS= and status.json; proves the event loop is alive.
+
+        No step's failure ends the daemon (out of descriptors, EMFILE, each of them fails):
+        each is logged when it starts failing and when it works again, and tried next round.
+        """
         interval = min(self.notifier.watchdog_interval or HOUSEKEEPING, HOUSEKEEPING)
         while not self.stop.is_set():
             self.heartbeat = time.monotonic()
             if self.notifier.watchdog_interval:
-                self.notifier.send("WATCHDOG=1")
-            await self._update_gauges()
+                ok = self.notifier.send("WATCHDOG=1")
+                self.chores.report("watchdog", "" if ok else self.notifier.error)
+            await self.chores.run("gauges", self._update_gauges())
             snap = self.relay.snapshot()
             self.notifier.send(f"STATUS={snap.queued} queued, {snap.in_flight} in flight")
-            await asyncio.to_thread(self._write_status, self._status())
+            await self.chores.run("status", asyncio.to_thread(self._write_status, self._status()))
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(interval):
                     await self.stop.wait()
@@ -268,14 +275,46 @@ class Daemon:
         )
 
     def _write_status(self, status: wire.DaemonStatus) -> None:
-        """A small status file for `relayd health` (best effort, not fsynced: it is advisory)."""
+        """A small status file for `relayd health` (advisory, not fsynced)."""
         path = Path(self.spool.root) / wire.STATUS_FILE
         tmp = path.with_suffix(".tmp")
-        with contextlib.suppress(OSError):
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as fh:
-                fh.write(json.dumps(status.to_json()))
-            tmp.replace(path)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(json.dumps(status.to_json()))
+        tmp.replace(path)
+
+
+class Chores:
+    """Housekeeping steps that may fail for a while: logged once as they start failing and
+    once as they work again, never raised (an error there must not end the daemon)."""
+
+    def __init__(self) -> None:
+        self.failing: dict[str, str] = {}
+
+    async def run(self, step: str, coro: Awaitable[None]) -> None:
+        """Await one step; an exception is reported, not raised."""
+        try:
+            await coro
+        except Exception as exc:
+            self.report(step, str(exc) if isinstance(exc, OSError) else repr(exc))
+            return
+        self.report(step, "")
+
+    def report(self, step: str, error: str) -> None:
+        """error '' means the step worked."""
+        if error and step not in self.failing:
+            log.error(
+                "housekeeping.failed",
+                step=step,
+                error=error,
+                detail="the daemon goes on and tries again every few seconds",
+            )
+        elif not error and step in self.failing:
+            log.info("housekeeping.recovered", step=step, error=self.failing[step])
+        if error:
+            self.failing[step] = error
+        else:
+            self.failing.pop(step, None)
 
 
 def _count(directory: Path) -> int:

@@ -39,6 +39,9 @@ class ListenConfig:
     max_message_size: int = 26_214_400  # 25 MiB, as Gmail takes
     max_recipients: int = 100
     timeout: float = 60.0  # idle seconds before a client session is closed
+    # Concurrent client sessions; more get 421 4.7.0 and are closed. One descriptor each:
+    # keep it well under the process's RLIMIT_NOFILE (LimitNOFILE= in the systemd unit).
+    max_sessions: int = 100
     # Networks allowed to submit besides loopback; required when host is not loopback.
     allowed_networks: tuple[str, ...] = ()
     # name:scrypt$… lines (relayd passwd); when set, other peers may submit after AUTH.
@@ -84,6 +87,8 @@ class UpstreamConfig:
     max_connections: int = 4
     # Messages one session carries before it logs out and a fresh one starts.
     max_messages_per_session: int = 100
+    # The name relayd gives in EHLO to the provider; empty: listen.hostname (Config.ehlo_name).
+    ehlo_name: str = ""
     auth: UpstreamAuth = UpstreamAuth.PASSWORD
     oauth2: OAuth2Config = OAuth2Config()
 
@@ -127,6 +132,11 @@ class Config:
     log: LogConfig = LogConfig()
     metrics: MetricsConfig = MetricsConfig()
     relay: RelayConfig = RelayConfig()
+
+    @property
+    def ehlo_name(self) -> str:
+        """What relayd says in EHLO to the provider: upstream.ehlo_name, else listen.hostname."""
+        return self.upstream.ehlo_name or self.listen.hostname
 
 
 # Records inside a section: YAML mappings, and RELAYD_UPSTREAM_OAUTH2_<KEY> in the environment.
@@ -419,6 +429,7 @@ def _validate_listen(ls: ListenConfig) -> None:
     _check(ls.max_message_size > 0, "listen.max_message_size", "must be > 0")
     _check(ls.max_recipients > 0, "listen.max_recipients", "must be > 0")
     _check(ls.timeout > 0, "listen.timeout", "must be > 0")
+    _check(ls.max_sessions >= 1, "listen.max_sessions", "must be >= 1")
 
 
 def _validate_exposure(cfg: Config) -> None:
@@ -453,6 +464,11 @@ def _validate_upstream(up: UpstreamConfig) -> None:
     _check(up.timeout > 0, "upstream.timeout", "must be > 0")
     _check(up.max_connections >= 1, "upstream.max_connections", "must be >= 1")
     _check(up.max_messages_per_session >= 1, "upstream.max_messages_per_session", "must be >= 1")
+    _check(
+        up.ehlo_name.isascii() and up.ehlo_name.isprintable() and " " not in up.ehlo_name,
+        "upstream.ehlo_name",
+        "must be a host name (no spaces or control characters)",
+    )
     if up.ca_file:
         _check(Path(up.ca_file).is_file(), "upstream.ca_file", f"no such file: {up.ca_file}")
     if up.password and not up.username:

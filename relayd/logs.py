@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Iterable, MutableMapping
+import time
+from collections.abc import Callable, Iterable, MutableMapping
 from typing import Any, TextIO
 
 import structlog
@@ -63,6 +64,25 @@ def _redactor(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMappin
             if cleaned != text:
                 event[key] = cleaned
     return event
+
+
+class Throttle:
+    """At most one log line per interval for an event that can repeat thousands of times a
+    second (refused connections, failed accept()s); the line says how many it stands for."""
+
+    def __init__(self, interval: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.interval, self.clock = interval, clock
+        self.last = -interval
+        self.suppressed = 0
+
+    def hit(self) -> int | None:
+        """None when this occurrence is not to be logged; else how many were not, since."""
+        now = self.clock()
+        if now - self.last < self.interval:
+            self.suppressed += 1
+            return None
+        self.last, suppressed, self.suppressed = now, self.suppressed, 0
+        return suppressed
 
 
 class _Printable:

@@ -232,19 +232,23 @@ class Spool:
         data: bytes | bytearray,
         now: float,
         msg_id: str = "",
+        head: bytes = b"",
     ) -> Envelope:
-        """Store a message durably; on return its file is fsynced and the id is safe to 250."""
+        """Store a message durably; on return its file is fsynced and the id is safe to 250.
+
+        head (header lines relayd adds) is written before data, so data is never copied.
+        """
         env = Envelope(
             id=msg_id or self.new_id(),
             mail_from=mail_from,
             rcpt_to=tuple(Recipient(a) for a in rcpt_to),
             created_at=now,
-            size=len(data),
+            size=len(head) + len(data),
             next_attempt_at=now,
         )
         tmp: Path | None = None
         try:
-            tmp = self._write_tmp(header_line(env), data)
+            tmp = self._write_tmp(header_line(env), head, data)
             self._place(tmp, self.path(SpoolDir.QUEUE, env.id, "eml"))
             tmp = None
             self._sync_dir(SpoolDir.QUEUE)

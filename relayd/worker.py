@@ -107,7 +107,7 @@ async def _main() -> int:
     metrics.forward(events)
 
     def connect() -> Deliverer:
-        return Outbox(spool) if dev else Session(relay.cfg.upstream, cfg.listen.hostname)
+        return Outbox(spool) if dev else Session(relay.cfg.upstream, relay.cfg.ehlo_name)
 
     relay = Relay(spool, cfg, connect)
     _emit(wire.Ready(await relay.load()))

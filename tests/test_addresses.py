@@ -15,15 +15,15 @@ from proc import ServeProcess, serve_env
 from rawsmtp import Wire
 
 BAD = [
-    pytest.param(b"a\x1bb@example.org", id="esc"),
-    pytest.param(b"a\x1b[2Jb@example.org", id="esc-csi"),
-    pytest.param(b"a\x1b]0;pwned\x07b@example.org", id="osc-title"),
-    pytest.param(b"a\x00b@example.org", id="nul"),
-    pytest.param(b"a\tb@example.org", id="tab"),
-    pytest.param(b"a\x7fb@example.org", id="del"),
-    pytest.param("a\x9bb@example.org".encode(), id="c1-csi"),
-    pytest.param(b"a\xffb@example.org", id="not-utf8"),
-    pytest.param(b"a\xed\xa0\x80b@example.org", id="utf8-surrogate"),
+    ("esc", b"a\x1bb@example.org"),
+    ("esc-csi", b"a\x1b[2Jb@example.org"),
+    ("osc-title", b"a\x1b]0;pwned\x07b@example.org"),
+    ("nul", b"a\x00b@example.org"),
+    ("tab", b"a\tb@example.org"),
+    ("del", b"a\x7fb@example.org"),
+    ("c1-csi", "a\x9bb@example.org".encode()),
+    ("not-utf8", b"a\xffb@example.org"),
+    ("utf8-surrogate", b"a\xed\xa0\x80b@example.org"),
 ]
 
 
@@ -36,15 +36,15 @@ async def daemon(tmp_path, pki, sink):
         assert await proc.stop() == 0
 
 
-@pytest.mark.parametrize("address", BAD)
-async def test_a_bad_sender_address_gets_501_5_1_7_at_mail(daemon, sink, address):
-    """MAIL FROM with a control character or non-UTF-8 bytes: 501 5.1.7, and the session
-    goes on: the next, clean transaction is accepted and delivered."""
+async def test_a_bad_sender_address_gets_501_5_1_7_at_mail(daemon, sink):
+    """MAIL FROM with a control character or non-UTF-8 bytes: 501 5.1.7, each of them, and
+    the session goes on: the next, clean transaction is accepted and delivered."""
     wire = await Wire.open(daemon.port)
     try:
         await wire.greet()
-        code, text = await wire.cmd(b"MAIL FROM:<" + address + b">")
-        assert (code, text[:5]) == (501, "5.1.7"), (code, text)
+        for name, address in BAD:
+            code, text = await wire.cmd(b"MAIL FROM:<" + address + b">")
+            assert (code, text[:5]) == (501, "5.1.7"), (name, code, text)
         assert (await wire.cmd(b"MAIL FROM:<app@example.com>"))[0] == 250
         assert (await wire.cmd(b"RCPT TO:<u@example.org>"))[0] == 250
         assert (await wire.cmd(b"DATA"))[0] == 354
@@ -55,16 +55,16 @@ async def test_a_bad_sender_address_gets_501_5_1_7_at_mail(daemon, sink, address
     assert [m.mail_from for m in sink.messages] == ["app@example.com"]
 
 
-@pytest.mark.parametrize("address", BAD)
-async def test_a_bad_recipient_address_gets_553_5_1_3_at_rcpt(daemon, sink, address):
-    """RCPT TO with a control character or non-UTF-8 bytes: 553 5.1.3; the good recipient of
-    the same transaction is kept, and only it is delivered."""
+async def test_a_bad_recipient_address_gets_553_5_1_3_at_rcpt(daemon, sink):
+    """RCPT TO with a control character or non-UTF-8 bytes: 553 5.1.3, each of them; the good
+    recipient of the same transaction is kept, and only it is delivered."""
     wire = await Wire.open(daemon.port)
     try:
         await wire.greet()
         assert (await wire.cmd(b"MAIL FROM:<app@example.com>"))[0] == 250
-        code, text = await wire.cmd(b"RCPT TO:<" + address + b">")
-        assert (code, text[:5]) == (553, "5.1.3"), (code, text)
+        for name, address in BAD:
+            code, text = await wire.cmd(b"RCPT TO:<" + address + b">")
+            assert (code, text[:5]) == (553, "5.1.3"), (name, code, text)
         assert (await wire.cmd(b"RCPT TO:<u@example.org>"))[0] == 250
         assert (await wire.cmd(b"DATA"))[0] == 354
         assert (await wire.cmd(message("one-good") + b".\r\n"))[0] == 250

@@ -70,13 +70,14 @@ async def test_line_over_the_line_limit_is_refused():
 
 
 @pytest.mark.parametrize("kind", [bytes, bytearray])
-def test_missing_headers_are_prepended_once(kind):
-    """Date and Message-ID are added only when absent, for received buffers and bytes alike."""
-    from relayd.message import add_missing_headers
+def test_missing_headers_are_given_only_when_absent(kind):
+    """Date and Message-ID lines come back only when absent, for received buffers and bytes
+    alike; a Date or Message-ID past the first blank line (in the body) does not count."""
+    from relayd.message import missing_headers
 
-    bare = kind(b"Subject: x\r\n\r\nbody\r\n")
-    out = bytes(add_missing_headers(bare, "ID1", "relay.test", 0.0))
-    assert out.startswith(b"Date: ") and b"Message-ID: <ID1@relay.test>\r\n" in out
-    assert out.endswith(b"Subject: x\r\n\r\nbody\r\n")
+    bare = kind(b"Subject: x\r\n\r\nDate: in the body\r\n")
+    extra = missing_headers(bare, "ID1", "relay.test", 0.0)
+    assert extra.startswith(b"Date: Thu, 01 Jan 1970 00:00:00 +0000\r\n")
+    assert extra.endswith(b"Message-ID: <ID1@relay.test>\r\n")
     full = kind(b"Date: x\r\nMessage-id: <a@b>\r\n\r\nbody\r\n")
-    assert bytes(add_missing_headers(full, "ID2", "relay.test", 0.0)) == bytes(full)
+    assert missing_headers(full, "ID2", "relay.test", 0.0) == b""

@@ -130,7 +130,7 @@ async def test_a_mapped_ipv4_peer_outside_the_allowed_networks_is_refused(tmp_pa
 def test_a_peer_that_is_not_an_ip_address_is_refused(tmp_path, peer):
     """A peer of a type relayd does not know (no TCP address) fails closed. (No TCP client
     can produce one, so the access check is asked directly.)"""
-    from relayd.config import Listen
+    from relayd.config import ListenConfig
 
-    handler = Handler(Listen(), spool=None, on_accepted=lambda env: None)  # type: ignore[arg-type]
+    handler = Handler(ListenConfig(), spool=None, on_accepted=lambda env: None)  # type: ignore[arg-type]
     assert handler.allowed(peer) is False

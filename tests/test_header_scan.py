@@ -55,9 +55,10 @@ async def offer(port: int, body: bytes) -> tuple[int, str]:
 
 
 async def test_a_25_mib_header_block_neither_stalls_the_loop_nor_balloons(tmp_path, pki):
-    """No blank line in 25 MiB: Date and Message-ID still added (250), the listener's peak
-    memory grows by less than three times the message, and no NOOP of another session waits
-    more than 0.5 s (before: 6.8 s and +331 MiB, a per-line list of the whole message)."""
+    """No blank line in 25 MiB: Date and Message-ID still added (250); the listener's peak
+    memory grows by less than twice the message (it is held once, as received); no NOOP of
+    another session waits 0.5 s. Before: +331 MiB and 6.8 s (a list of every line, and a
+    regex tried at every line start, on the loop); now about +25 MiB and 0.05 s."""
     spool = tmp_path / "spool"
     env = serve_env(spool, free_port(), pki.ca_file, log_level="info")
     proc = await ServeProcess(env).start()
@@ -72,11 +73,11 @@ async def test_a_25_mib_header_block_neither_stalls_the_loop_nor_balloons(tmp_pa
         await prober
         assert code == 250, (code, text)
         grew = (status_kib(proc.proc.pid, "VmHWM") - before) * 1024
-        assert grew < 3 * len(body), f"peak grew {grew / MiB:.0f} MiB"
+        assert grew < 2 * len(body), f"peak grew {grew / MiB:.0f} MiB"
         assert max(lags) < 0.5, f"longest NOOP round trip {max(lags):.2f} s"
         stored = next((spool / "queue").glob("*.eml")).read_bytes()
         head = stored[stored.index(b"\n") + 1 :][:300]  # past the envelope line
         assert head.startswith(b"Date: ") and b"\r\nMessage-ID: <" in head
-        assert head.count(b"X-Filler") >= 1
+        assert LINE in head  # then the message as it came
     finally:
         assert await proc.stop() == 0

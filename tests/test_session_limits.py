@@ -88,7 +88,9 @@ async def test_connections_beyond_max_sessions_get_421_and_the_daemon_goes_on(
         codes = [code for code, _ in replies]
         assert codes.count(220) == 100, sorted(set(codes))
         refused = [text for code, text in replies if code == 421]
-        assert len(refused) == 150 and all(t.startswith("4.7.0 Too many") for t in refused)
+        assert len(refused) == 150 and all(t.startswith("4.7.0 Too many") for t in refused), (
+            replies[100:103]
+        )
         pings = watchdogs(got)
         await eventually(lambda: watchdogs(got) > pings + 2, what="watchdog pings go on")
         for wire in held:

@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _check(cfg: Config, to: str | None, mail_from: str | None) -> int:
-    session = Session(cfg.upstream, cfg.listen.hostname)
+    session = Session(cfg.upstream, cfg.ehlo_name)
     started = time.monotonic()
     try:
         await session.open()

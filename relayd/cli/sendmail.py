@@ -24,7 +24,7 @@ from relayd import logs
 from relayd.cli.common import load_config, signal_daemon, warn
 from relayd.config import Config
 from relayd.errors import ConfigError, RelaydError, SpoolError
-from relayd.message import add_missing_headers
+from relayd.message import missing_headers, unsendable
 from relayd.spool import Spool
 from relayd.states import LogFormat
 
@@ -159,7 +159,7 @@ def strip_headers(data: bytes, names: tuple[bytes, ...]) -> bytes:
 def complete_headers(data: bytes, sender: str, fullname: str | None) -> bytes:
     """Add From (with -F's name) when the message lacks it.
 
-    Date and Message-ID are the listener's job (message.add_missing_headers), and the
+    Date and Message-ID are the listener's job (message.missing_headers), and the
     maildrop path calls the same function, so both ways in add them alike.
     """
     head, _ = _split(data)
@@ -215,12 +215,16 @@ def maildrop(
     cfg: Config, sender: str, rcpts: list[str], data: bytes, why: Exception, verbose: bool
 ) -> int:
     """Write the message into the spool directly; the daemon sends it when it (re)scans."""
+    bad = [a for a in [sender, *rcpts] if unsendable(a)]
+    if bad:  # what the listener refuses at MAIL/RCPT is not spooled behind its back either
+        warn(f"relayd-sendmail: {bad[0]}: control character or invalid UTF-8 in the address")
+        return EX_DATAERR
     spool = Spool(cfg.spool.path)
     msg_id, now = spool.new_id(), time.time()
-    data = bytes(add_missing_headers(data, msg_id, cfg.listen.hostname, now))
+    head = missing_headers(data, msg_id, cfg.listen.hostname, now)
     try:
         spool.create()
-        env = spool.put(sender, rcpts, data, now, msg_id)
+        env = spool.put(sender, rcpts, data, now, msg_id, head)
     except SpoolError as exc:
         raise SpoolError(
             f"relayd is not accepting mail ({why}) and the spool is not writable: {exc} "

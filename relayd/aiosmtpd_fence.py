@@ -9,25 +9,67 @@ PRIVATE_MEMBERS (of aiosmtpd.smtp.SMTP):
 - ``_getaddr``: a fast path for a plain ``<local@domain>`` in MAIL/RCPT.
 - ``_authenticate``, ``_authenticator``: the users-file check runs in a thread, not on the loop.
 - ``__dir__`` of the session and the handler: aiosmtpd looks hooks up with dir() per connection.
+
+`relayd serve` and `relayd check` refuse to start when missing() names any (relayd.fences).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
+import socket
 from collections.abc import MutableSet
 from typing import Any
 
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, syntax
 
-PRIVATE_MEMBERS = (
-    "_reader",
-    "_set_post_data_state",
-    "_call_handler_hook",
-    "_getaddr",
-    "_authenticate",
-    "_authenticator",
-)
+LIBRARY = "aiosmtpd"
+PRIVATE_MEMBERS = {
+    "aiosmtpd.smtp.SMTP": (
+        "_reader",
+        "_set_post_data_state",
+        "_call_handler_hook",
+        "_getaddr",
+        "_authenticate",
+        "_authenticator",
+    ),
+}
+
+
+async def missing() -> list[str]:
+    """The PRIVATE_MEMBERS this aiosmtpd lacks, looked up on a connected session.
+
+    Some are set only once a client is connected (``_reader``): the probe connects a session
+    over a socketpair the way asyncio does (StreamReaderProtocol.connection_made, aiosmtpd's
+    base) without starting aiosmtpd's dialogue, looks, and closes it.
+    """
+    loop = asyncio.get_running_loop()
+    mail_log = logging.getLogger("mail.log")
+    quiet, mail_log.disabled = mail_log.disabled, True  # its set-up lines are not a session's
+    try:
+        session = SMTP(object(), hostname="fence.probe", ident="relayd", loop=loop)
+    finally:
+        mail_log.disabled = quiet
+    ours, theirs = socket.socketpair()
+    try:
+        transport, _ = await loop.connect_accepted_socket(lambda: _Probe(session), ours)
+        transport.close()
+    finally:
+        theirs.close()
+    names = PRIVATE_MEMBERS["aiosmtpd.smtp.SMTP"]
+    return [f"SMTP.{name}" for name in names if not hasattr(session, name)]
+
+
+class _Probe(asyncio.Protocol):
+    """Connects an aiosmtpd session as asyncio would, but no client dialogue begins."""
+
+    def __init__(self, session: SMTP) -> None:
+        self.session = session
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        asyncio.StreamReaderProtocol.connection_made(self.session, transport)
+
 
 _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 _PLAIN_REST = re.compile(r" [^\s(]")  # one space, then parameters (no comment, no CFWS)

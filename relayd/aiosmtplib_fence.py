@@ -1,6 +1,6 @@
 """Fence: every use relayd makes of aiosmtplib's private members.
 
-aiosmtplib (>=3.0.1, <4) offers no streaming DATA: its data() builds the whole dot-stuffed
+aiosmtplib (>=4.0.0, <6) offers no streaming DATA: its data() builds the whole dot-stuffed
 message in memory. relayd streams a CRLF-clean spooled message itself, which needs the
 protocol's private members in PRIVATE_MEMBERS (of aiosmtplib.protocol.SMTPProtocol):
 
@@ -8,7 +8,8 @@ protocol's private members in PRIVATE_MEMBERS (of aiosmtplib.protocol.SMTPProtoc
 - ``_response_pending``: set so the reply to the final dot is read, not dropped.
 - ``_drain_helper``: the transport's flow control between pieces.
 
-When any is missing (streamable() is false) upstream.Session uses the library's data().
+When any is missing (streamable() is false) upstream.Session uses the library's data(); and
+`relayd serve` and `relayd check` refuse to start when missing() names any (relayd.fences).
 """
 
 from __future__ import annotations
@@ -19,9 +20,22 @@ from typing import Any
 
 import aiosmtplib
 
-PRIVATE_MEMBERS = ("_command_lock", "_response_pending", "_drain_helper")
+LIBRARY = "aiosmtplib"
+PRIVATE_MEMBERS = {
+    "aiosmtplib.protocol.SMTPProtocol": ("_command_lock", "_response_pending", "_drain_helper"),
+}
+_NAMES = PRIVATE_MEMBERS["aiosmtplib.protocol.SMTPProtocol"]
 # Everything the streaming path calls on the protocol, private or not.
-_STREAM_API = (*PRIVATE_MEMBERS, "write", "read_response")
+_STREAM_API = (*_NAMES, "write", "read_response")
+
+
+async def missing() -> list[str]:
+    """The PRIVATE_MEMBERS this aiosmtplib lacks, looked up on a protocol instance."""
+    from aiosmtplib.protocol import SMTPProtocol
+
+    proto = SMTPProtocol(loop=asyncio.get_running_loop())
+    return [f"SMTPProtocol.{name}" for name in _NAMES if not hasattr(proto, name)]
+
 
 DATA_CHUNK = 256 * 1024  # bytes written per flow-controlled step of a message body
 

@@ -23,7 +23,7 @@ from typing import Any
 import structlog
 
 from relayd import config as config_mod
-from relayd import eventloop, logs, metrics, wire
+from relayd import eventloop, fences, logs, metrics, wire
 from relayd.config import Config
 from relayd.endpoint import Endpoint
 from relayd.errors import ConfigError, RelaydError
@@ -74,6 +74,7 @@ class Daemon:
         return Session(self.relay.cfg.upstream, self.relay.cfg.ehlo_name)
 
     async def run(self) -> int:
+        await fences.check()  # before the spool or a socket is touched
         self.spool.create()
         self.spool.lock()
         await asyncio.to_thread(self.spool.sweep_tmp)

@@ -16,6 +16,10 @@ class ConfigError(RelaydError):
         self.problem = problem
 
 
+class LibraryError(RelaydError):
+    """An installed library lacks what relayd relies on (relayd.fences); restarting won't help."""
+
+
 class SpoolError(RelaydError):
     """The spool could not be read or written."""
 

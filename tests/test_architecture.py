@@ -19,7 +19,9 @@ LAYERS: dict[str, int] = {
         ["errors", "states", "text", "eventloop", "notify", "logs", "config", "__init__"], 0
     ),  # the base
     **dict.fromkeys(["envelope", "spool", "message", "auth", "metrics", "wire", "oauth"], 1),
-    **dict.fromkeys(["aiosmtpd_fence", "server", "aiosmtplib_fence", "upstream", "endpoint"], 2),
+    **dict.fromkeys(
+        ["aiosmtpd_fence", "server", "aiosmtplib_fence", "upstream", "endpoint", "fences"], 2
+    ),
     **dict.fromkeys(["outcome", "relay", "outbox"], 3),
     **dict.fromkeys(["supervisor", "worker"], 4),
     "app": 5,

@@ -15,14 +15,14 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import free_port
+from conftest import eventually, free_port, make_config, message, running, submit
 from proc import serve_env
 
-from relayd import aiosmtpd_fence, aiosmtplib_fence
+from relayd import aiosmtplib_fence, fences
 
 MEMBERS = [
     pytest.param(owner, name, id=f"{owner.rsplit('.', 1)[-1]}.{name}")
-    for fence in (aiosmtpd_fence, aiosmtplib_fence)
+    for fence in fences.FENCES
     for owner, names in fence.PRIVATE_MEMBERS.items()
     for name in names
 ]
@@ -88,8 +88,39 @@ async def test_serve_refuses_to_start_without_a_fenced_member(tmp_path, pki, own
 
 async def test_check_refuses_to_run_without_a_fenced_member(tmp_path, pki):
     """`relayd check` makes the same check: exit 78, one line."""
-    owner, names = next(iter(aiosmtplib_fence.PRIVATE_MEMBERS.items()))
+    owner, names = next(iter(fences.FENCES[-1].PRIVATE_MEMBERS.items()))
     env = serve_env(tmp_path / "spool", free_port(), pki.ca_file)
     code, out, err = await relayd(env | without(tmp_path, owner, names[0]), "check")
     assert code == 78, out + err
     assert len(err.strip().splitlines()) == 1 and names[0] in err, out + err
+
+
+async def test_without_the_streaming_members_data_goes_through_the_library(
+    tmp_path, pki, sink, monkeypatch
+):
+    """When the fence finds a streaming member missing on a session's protocol (streamable()
+    false), the message goes out through aiosmtplib's public data(): delivered once, byte for
+    byte, dot-stuffing included."""
+    import aiosmtplib
+
+    monkeypatch.setattr(
+        aiosmtplib_fence, "_STREAM_API", (*aiosmtplib_fence._STREAM_API, "_gone_in_a_release")
+    )
+    calls: list[int] = []
+    library_data = aiosmtplib.SMTP.data
+
+    async def data(self, message, *args, **kwargs):
+        if self.local_hostname != "client.test":  # relayd's session, not the test's client
+            calls.append(len(message))
+        return await library_data(self, message, *args, **kwargs)
+
+    monkeypatch.setattr(aiosmtplib.SMTP, "data", data)
+    body = message("fallback", body="first line\r\n.a line with a dot\r\n..two\r\nlast\r\n")
+    cfg = make_config(tmp_path, sink.port, pki.ca_file)
+    async with running(cfg) as d:
+        code, _ = await submit(d.address[1], "app@example.com", ["u@example.org"], body)
+        assert code == 250
+        await eventually(lambda: sink.messages, what="delivery through data()")
+    assert len(calls) == 1
+    (got,) = sink.messages
+    assert got.data == body

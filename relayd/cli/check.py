@@ -14,7 +14,7 @@ import socket
 import time
 from typing import Any
 
-from relayd import logs
+from relayd import fences, logs
 from relayd.cli.common import load_config, say
 from relayd.config import Config
 from relayd.errors import ConfigError, UpstreamError
@@ -35,6 +35,7 @@ def run(args: argparse.Namespace) -> int:
     if not up.host:
         raise ConfigError("upstream.host", "required for relayd check")
     logs.add_auth_forms(up.username, up.password)
+    asyncio.run(fences.check())  # as serve does: never diagnose with a library relayd can't use
     verify = "on" if up.verify else "OFF (any certificate is accepted)"
     say(f"checking {up.host}:{up.port} (tls: {up.tls}, verify: {verify})")
     return asyncio.run(_check(cfg, args.to, args.mail_from))

@@ -23,7 +23,7 @@ from typing import NoReturn
 from relayd import config as config_mod
 from relayd import logs, text
 from relayd.config import Config
-from relayd.errors import ConfigError, RelaydError, SpoolError
+from relayd.errors import ConfigError, LibraryError, RelaydError, SpoolError
 from relayd.spool import Spool
 from relayd.states import SpoolDir
 
@@ -103,6 +103,9 @@ def run_command(func: object, args: argparse.Namespace) -> int:
         return int(code)
     except ConfigError as exc:
         warn(f"relayd: config: {exc}")
+        return EX_CONFIG
+    except LibraryError as exc:  # 78 too: like a bad config, restarting cannot mend it
+        warn(f"relayd: {exc}")
         return EX_CONFIG
     except RelaydError as exc:
         warn(f"relayd: {exc}")

@@ -10,7 +10,8 @@ PRIVATE_MEMBERS (of aiosmtpd.smtp.SMTP):
 - ``_authenticate``, ``_authenticator``: the users-file check runs in a thread, not on the loop.
 - ``__dir__`` of the session and the handler: aiosmtpd looks hooks up with dir() per connection.
 
-`relayd serve` and `relayd check` refuse to start when missing() names any (relayd.fences).
+None has a public fallback (FALLBACKS is empty): `relayd serve` and `relayd check` refuse to
+start when missing() names any (relayd.fences).
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ PRIVATE_MEMBERS = {
         "_authenticator",
     ),
 }
+
+FALLBACKS: dict[str, str] = {}  # member -> what relayd does without it
 
 
 async def missing() -> list[str]:

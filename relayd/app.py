@@ -74,7 +74,8 @@ class Daemon:
         return Session(self.relay.cfg.upstream, self.relay.cfg.ehlo_name)
 
     async def run(self) -> int:
-        await fences.check()  # before the spool or a socket is touched
+        for note in await fences.check():  # before the spool or a socket is touched
+            log.warning("library.fallback_used", detail=note)
         self.spool.create()
         self.spool.lock()
         await asyncio.to_thread(self.spool.sweep_tmp)

@@ -13,19 +13,28 @@ import asyncio
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import eventually, free_port, make_config, message, running, submit
-from proc import serve_env
+from proc import ServeProcess, serve_env
 
 from relayd import aiosmtplib_fence, fences
 
-MEMBERS = [
-    pytest.param(owner, name, id=f"{owner.rsplit('.', 1)[-1]}.{name}")
-    for fence in fences.FENCES
-    for owner, names in fence.PRIVATE_MEMBERS.items()
-    for name in names
-]
+
+def members(with_fallback: bool) -> list[Any]:
+    """(owner, name) of every listed member that has (or has not) a public fallback."""
+    found = []
+    for fence in fences.FENCES:
+        for owner, names in fence.PRIVATE_MEMBERS.items():
+            cls = owner.rsplit(".", 1)[-1]
+            for name in names:
+                if (f"{cls}.{name}" in fence.FALLBACKS) == with_fallback:
+                    found.append(pytest.param(owner, name, id=f"{cls}.{name}"))
+    return found
+
+
+NEEDED, OPTIONAL = members(False), members(True)
 
 # Takes NAME away from the library class OWNER as a release renaming it would: a class
 # attribute is deleted where it is defined; an instance attribute is stored under another name.
@@ -70,14 +79,21 @@ def without(tmp_path: Path, owner: str, name: str) -> dict[str, str]:
 
 
 def test_every_fence_lists_something():
-    """Each fence names the library class it reaches into and at least one member."""
-    assert MEMBERS and all(isinstance(p.values[1], str) for p in MEMBERS)
+    """Each fence names the library classes it reaches into and at least one member; every
+    fallback it names is one of its members."""
+    for fence in fences.FENCES:
+        listed = {
+            f"{owner.rsplit('.', 1)[-1]}.{name}"
+            for owner, names in fence.PRIVATE_MEMBERS.items()
+            for name in names
+        }
+        assert listed and set(fence.FALLBACKS) <= listed, fence.__name__
 
 
-@pytest.mark.parametrize(("owner", "name"), MEMBERS)
+@pytest.mark.parametrize(("owner", "name"), NEEDED)
 async def test_serve_refuses_to_start_without_a_fenced_member(tmp_path, pki, owner, name):
-    """Any listed member missing: `relayd serve` exits 78 with one line naming it, before it
-    listens or touches the spool, and no traceback."""
+    """A listed member without a fallback missing: `relayd serve` exits 78 with one line
+    naming it, before it listens or touches the spool, and no traceback."""
     env = serve_env(tmp_path / "spool", free_port(), pki.ca_file) | without(tmp_path, owner, name)
     code, _, err = await relayd(env, "serve")
     assert code == 78, err
@@ -88,11 +104,26 @@ async def test_serve_refuses_to_start_without_a_fenced_member(tmp_path, pki, own
 
 async def test_check_refuses_to_run_without_a_fenced_member(tmp_path, pki):
     """`relayd check` makes the same check: exit 78, one line."""
-    owner, names = next(iter(fences.FENCES[-1].PRIVATE_MEMBERS.items()))
+    owner, name = NEEDED[0].values
     env = serve_env(tmp_path / "spool", free_port(), pki.ca_file)
-    code, out, err = await relayd(env | without(tmp_path, owner, names[0]), "check")
+    code, out, err = await relayd(env | without(tmp_path, owner, name), "check")
     assert code == 78, out + err
-    assert len(err.strip().splitlines()) == 1 and names[0] in err, out + err
+    assert len(err.strip().splitlines()) == 1 and name in err, out + err
+
+
+@pytest.mark.parametrize(("owner", "name"), OPTIONAL)
+async def test_serve_says_so_and_starts_without_a_member_that_has_a_fallback(
+    tmp_path, pki, owner, name
+):
+    """A member with a public fallback missing: `relayd serve` starts and says once, at
+    warning level, which member is missing and what it does instead."""
+    env = serve_env(tmp_path / "spool", free_port(), pki.ca_file) | without(tmp_path, owner, name)
+    proc = await ServeProcess(env).start()
+    try:
+        (note,) = proc.events("library.fallback_used")
+        assert name in note["detail"] and note["level"] == "warning", note
+    finally:
+        assert await proc.stop() == 0
 
 
 async def test_without_the_streaming_members_data_goes_through_the_library(

@@ -35,7 +35,9 @@ def run(args: argparse.Namespace) -> int:
     if not up.host:
         raise ConfigError("upstream.host", "required for relayd check")
     logs.add_auth_forms(up.username, up.password)
-    asyncio.run(fences.check())  # as serve does: never diagnose with a library relayd can't use
+    # As serve does: never diagnose with a library relayd cannot use.
+    for note in asyncio.run(fences.check()):
+        say(f"note: {note}")
     verify = "on" if up.verify else "OFF (any certificate is accepted)"
     say(f"checking {up.host}:{up.port} (tls: {up.tls}, verify: {verify})")
     return asyncio.run(_check(cfg, args.to, args.mail_from))

@@ -4,18 +4,31 @@ from __future__ import annotations
 
 import socket
 import socketserver
+import sys
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from relayd.errors import RelaydError
+from relayd.logs import Throttle
+
+log = structlog.get_logger()
 
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
+    errors = Throttle(10.0)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # socketserver prints a traceback to stderr for each failed request (a scraper gone
+        # mid-reply, no thread to be had when out of resources): one log line per 10 s.
+        suppressed = self.errors.hit()
+        if suppressed is not None:
+            log.warning("metrics.request_failed", error=repr(sys.exc_info()[1]), since=suppressed)
 
     def server_bind(self) -> None:
         # HTTPServer.server_bind resolves socket.getfqdn(host), which can block on DNS for

@@ -24,14 +24,14 @@ class ServeProcess:
         env: dict[str, str],
         args: list[str] | None = None,
         preexec: Callable[[], None] | None = None,
-        wrapper: list[str] | None = None,
+        prefix: list[str] | None = None,
     ) -> None:
         self.env = {**os.environ, **env, "RELAYD_LOG_FORMAT": "json"}
         self.args = args or []
         # Run in the child before exec (e.g. resource limits); a command the daemon is run
         # under (e.g. unshare), which must exec it in the same process.
         self.preexec = preexec
-        self.wrapper = wrapper or []
+        self.prefix = prefix or []
         self.proc: asyncio.subprocess.Process | None = None
         self.lines: list[dict[str, Any]] = []
         self.raw: list[str] = []
@@ -42,7 +42,7 @@ class ServeProcess:
     async def start(self, timeout: float = 30.0) -> ServeProcess:
         self._started = asyncio.Event()
         self.proc = await asyncio.create_subprocess_exec(
-            *self.wrapper,
+            *self.prefix,
             sys.executable,
             "-m",
             "relayd",

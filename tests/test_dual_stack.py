@@ -64,7 +64,7 @@ async def mail_reply_from_peer(tmp_path, pki, allowed: str) -> str:
         listen_host="::",
         listen_allowed_networks=allowed,
     )
-    proc = ServeProcess(env, wrapper=["unshare", "-n", "sh", "-c", NETNS, "sh"])
+    proc = ServeProcess(env, prefix=["unshare", "-n", "sh", "-c", NETNS, "sh"])
     await proc.start()
     try:
         assert proc.proc is not None

@@ -10,7 +10,7 @@ name not allowed", RFC 5321 §4.2.2).
 from __future__ import annotations
 
 import pytest
-from conftest import eventually, message
+from conftest import eventually, free_port, message
 from proc import ServeProcess, serve_env
 from rawsmtp import Wire
 
@@ -84,3 +84,18 @@ async def test_a_utf8_address_is_still_accepted(daemon, sink):
         assert (await wire.cmd("RCPT TO:<\u00fcser@example.org>".encode()))[0] == 250
     finally:
         wire.close()
+
+
+async def test_sendmail_does_not_maildrop_a_bad_address_either(tmp_path, pki):
+    """relayd-sendmail with the daemon down (so it would write the spool itself) and a sender
+    with ESC in it: exit 65 (EX_DATAERR), one line with the address escaped, nothing queued."""
+    from test_cli_sendmail import run_sendmail
+
+    spool = tmp_path / "spool"
+    env = serve_env(spool, free_port(), pki.ca_file, listen_port=str(free_port()))
+    letter = b"To: ann@example.org\nSubject: hi\n\nhello\n"
+    code, err = await run_sendmail(env, letter, "-t", "-f", "a\x1b[2Jb@example.com")
+    assert code == 65, err
+    assert "\x1b" not in err and "a\\x1b[2Jb@example.com" in err, err
+    queued = list((spool / "queue").glob("*.eml")) if (spool / "queue").is_dir() else []
+    assert queued == []

@@ -207,7 +207,7 @@ class Relay:
                     session = None
                     self._retry_later(msg_id)
                 finally:
-                    self.inflight.discard(msg_id)
+                    self._done(msg_id)
         finally:
             await _close(session)
 
@@ -261,6 +261,19 @@ class Relay:
             await _close(fresh)
             raise
 
+    def _done(self, msg_id: str) -> None:
+        """The attempt on msg_id is over; if it was rescheduled meanwhile, it is due again.
+
+        A message deferred at connect is rescheduled while the others waiting are deferred
+        too: if its retry came due before that ended, the scheduler skipped its heap entry
+        as "in flight", and nothing would have sent it until the next rescan.
+        """
+        self.inflight.discard(msg_id)
+        when = self.due.get(msg_id)
+        if when is not None and not self.stopping:
+            heapq.heappush(self.heap, (when, msg_id))  # a duplicate entry is skipped as stale
+            self.wake.set()
+
     def _retry_later(self, msg_id: str) -> None:
         if msg_id in self.due and not self.stopping:
             when = self.clock() + self.cfg.retry.initial_delay
@@ -278,7 +291,7 @@ class Relay:
             except SpoolError:
                 self.forget(msg_id)
             finally:
-                self.inflight.discard(msg_id)
+                self._done(msg_id)
 
     async def _defer(self, env: Envelope, err: UpstreamError, bound: Any) -> None:
         text = err.text or str(err)

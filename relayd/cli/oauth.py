@@ -26,7 +26,7 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 from aiohttp import web
 
 from relayd import logs, oauth
-from relayd.cli.common import load_config
+from relayd.cli.common import load_config, say
 from relayd.config import OAuth2Config
 from relayd.errors import ConfigError, RelaydError
 from relayd.states import OAuth2Flow, OAuth2Provider, UpstreamAuth
@@ -41,10 +41,6 @@ Say = Callable[[str], None]
 
 class LoginError(RelaydError):
     """The sign-in did not produce a refresh token; the message says what to do."""
-
-
-def say(line: str) -> None:
-    print(logs.redact(line), flush=True)
 
 
 async def device_login(

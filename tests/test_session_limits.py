@@ -32,6 +32,17 @@ def nofile(limit: int) -> Callable[[], None]:
     return apply
 
 
+async def greeted(port: int) -> bool:
+    """Whether a new connection now gets the banner (the daemon has let the old ones go)."""
+    wire = await Wire.open(port)
+    try:
+        return (await wire.reply(timeout=5))[0] == 220
+    except TimeoutError:
+        return False
+    finally:
+        wire.close()
+
+
 def watchdogs(got: list[bytes]) -> int:
     return sum(b"WATCHDOG=1" in d for d in got)
 
@@ -96,6 +107,7 @@ async def test_connections_beyond_max_sessions_get_421_and_the_daemon_goes_on(
         for wire in held:
             wire.close()
         held.clear()
+        await eventually(lambda: greeted(proc.port), what="a session slot free again")
         reply = await submit(proc.port, "app@example.com", ["u@example.org"], message("after"))
         assert reply[0] == 250, reply
         await eventually(lambda: sink.messages, what="delivery after the flood")
@@ -138,6 +150,7 @@ async def test_running_out_of_descriptors_is_logged_once_and_survived(
         held.clear()
         pings = watchdogs(got)
         await eventually(lambda: watchdogs(got) > pings, what="watchdog pings resume")
+        await eventually(lambda: greeted(proc.port), what="connections accepted again")
         reply = await submit(proc.port, "app@example.com", ["u@example.org"], message("after"))
         assert reply[0] == 250, reply
         await eventually(lambda: sink.messages, what="delivery after the exhaustion")

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from relayd import eventloop
+from relayd import eventloop, pacing, replies
 from relayd.errors import ConfigError
 from relayd.states import (
     LogFormat,
@@ -89,6 +89,18 @@ class UpstreamConfig:
     max_messages_per_session: int = 100
     # The name relayd gives in EHLO to the provider; empty: listen.hostname (Config.ehlo_name).
     ehlo_name: str = ""
+    # Pacing (docs/providers.md has each provider's figures): a GCRA rate such as "30/minute"
+    # with a burst of messages that may go at once, and a daily quota counted as the provider
+    # counts it (messages or recipients) over a rolling 24 h or a calendar (UTC) day.
+    rate: str = ""
+    burst: int = 1
+    daily: int = 0
+    daily_unit: str = "messages"
+    daily_window: str = "rolling"
+    # The quota a fleet shares through pacing.redis; default: host + username.
+    account: str = ""
+    # [{match: REGEX, action: pause|throttle|reauth|retry|fail, for: SECONDS}], tried first.
+    replies: tuple[dict[str, Any], ...] = ()
     auth: UpstreamAuth = UpstreamAuth.PASSWORD
     oauth2: OAuth2Config = OAuth2Config()
 
@@ -124,6 +136,16 @@ class RelayConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class PacingConfig:
+    # redis://host:port/db shared by every relayd sending through the same accounts.
+    redis: str = ""
+    redis_password_file: str = ""
+    redis_password: str = field(default="", repr=False)
+    # Relayds sharing the accounts: without Redis each keeps to 1/fleet_size of every limit.
+    fleet_size: int = 1
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     listen: ListenConfig = ListenConfig()
     spool: SpoolConfig = SpoolConfig()
@@ -132,6 +154,7 @@ class Config:
     log: LogConfig = LogConfig()
     metrics: MetricsConfig = MetricsConfig()
     relay: RelayConfig = RelayConfig()
+    pacing: PacingConfig = PacingConfig()
 
     @property
     def ehlo_name(self) -> str:
@@ -150,6 +173,7 @@ SECTIONS: dict[str, type[Any]] = {
     "log": LogConfig,
     "metrics": MetricsConfig,
     "relay": RelayConfig,
+    "pacing": PacingConfig,
 }
 
 
@@ -198,7 +222,11 @@ def load(
     if unknown:
         raise ConfigError(sorted(unknown)[0], "unknown section")
     cfg = Config(**sections)
-    cfg = dataclasses.replace(cfg, upstream=_resolve_client_secret(_resolve_password(cfg.upstream)))
+    cfg = dataclasses.replace(
+        cfg,
+        upstream=_resolve_client_secret(_resolve_password(cfg.upstream)),
+        pacing=_resolve_redis_password(cfg.pacing),
+    )
     validate(cfg, serve)
     return cfg
 
@@ -283,6 +311,9 @@ def _section(name: str, cls: type[Any], data: Any) -> Any:
     for key, value in data.items():
         if key not in fields:
             raise ConfigError(f"{name}.{key}", "unknown key")
+        if (name, key) == ("upstream", "replies"):
+            values[key] = replies.parse(f"{name}.{key}", value)
+            continue
         values[key] = _coerce(f"{name}.{key}", fields[key].default, value)
     return cls(**values)
 
@@ -395,6 +426,16 @@ def _validate_oauth2_flow(o: OAuth2Config, k: str) -> None:
     )
 
 
+def _resolve_redis_password(pc: PacingConfig) -> PacingConfig:
+    if not pc.redis_password_file:
+        return pc
+    try:
+        secret = Path(pc.redis_password_file).read_text(encoding="utf-8").rstrip("\r\n")
+    except OSError as exc:
+        raise ConfigError("pacing.redis_password_file", f"cannot read: {exc.strerror}") from None
+    return dataclasses.replace(pc, redis_password=secret)
+
+
 def _check(ok: bool, key: str, problem: str) -> None:
     if not ok:
         raise ConfigError(key, problem)
@@ -407,6 +448,7 @@ def validate(cfg: Config, serve: bool = True) -> None:
         _validate_exposure(cfg)
     _check(bool(cfg.spool.path), "spool.path", "must not be empty")
     _validate_upstream(cfg.upstream)
+    _validate_pacing(cfg.upstream, cfg.pacing)
     rt = cfg.retry
     _check(rt.initial_delay > 0, "retry.initial_delay", "must be > 0")
     _check(rt.max_delay >= rt.initial_delay, "retry.max_delay", "must be >= initial_delay")
@@ -474,6 +516,25 @@ def _validate_upstream(up: UpstreamConfig) -> None:
     if up.password and not up.username:
         raise ConfigError("upstream.username", "required when a password is set")
     _validate_oauth2(up)
+
+
+def _validate_pacing(up: UpstreamConfig, pc: PacingConfig) -> None:
+    if up.rate:
+        try:
+            pacing.parse_rate(up.rate)
+        except ValueError as exc:
+            raise ConfigError("upstream.rate", str(exc)) from None
+    _check(up.burst >= 1, "upstream.burst", "must be >= 1")
+    _check(up.daily >= 0, "upstream.daily", "must be >= 0 (0: no daily limit)")
+    _check(up.daily_unit in pacing.UNITS, "upstream.daily_unit", "|".join(pacing.UNITS))
+    _check(up.daily_window in pacing.WINDOWS, "upstream.daily_window", "|".join(pacing.WINDOWS))
+    _check(pc.fleet_size >= 1, "pacing.fleet_size", "must be >= 1")
+    if pc.redis:
+        _check(
+            pc.redis.startswith(("redis://", "rediss://", "unix://")),
+            "pacing.redis",
+            "expected redis://host:port/db (or rediss://, unix://)",
+        )
 
 
 def parse_hostport(key: str, value: str) -> tuple[str, int]:

@@ -28,7 +28,9 @@ class UpstreamError(RelaydError):
     """A session with the upstream failed before any per-recipient outcome was known.
 
     ``step`` names where it failed (connect, tls, ehlo, auth, mail, rcpt, data),
-    ``code``/``text`` carry the server's reply when there was one.
+    ``code``/``text`` carry the server's reply when there was one. ``synthetic`` is true when
+    relayd made the words itself (connection lost, timed out, no STARTTLS): only a reply the
+    server sent may be classified by the reply rules (relayd.replies).
     """
 
     def __init__(
@@ -40,6 +42,7 @@ class UpstreamError(RelaydError):
         code: int | None = None,
         text: str = "",
         hint: str = "",
+        synthetic: bool | None = None,
     ) -> None:
         super().__init__(message)
         self.step = step
@@ -47,3 +50,4 @@ class UpstreamError(RelaydError):
         self.code = code
         self.text = text
         self.hint = hint
+        self.synthetic = code is None if synthetic is None else synthetic

@@ -27,7 +27,8 @@ class Outbox:
         path = await asyncio.to_thread(self.spool.deliver_to_outbox, stub, head.encode() + data)
         self.sent += 1
         return [
-            Outcome(a, OutcomeStatus.DELIVERED, 250, f"written to {path}", "data") for a in rcpt_to
+            Outcome(a, OutcomeStatus.DELIVERED, 250, f"written to {path}", "data", synthetic=True)
+            for a in rcpt_to
         ]
 
     async def close(self) -> None:

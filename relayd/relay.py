@@ -297,7 +297,7 @@ class Relay:
         text = err.text or str(err)
         error = {"step": err.step, "code": err.code, "text": text}
         outcomes = [
-            Outcome(r.address, OutcomeStatus.TEMPORARY, err.code, text, err.step)
+            Outcome(r.address, OutcomeStatus.TEMPORARY, err.code, text, err.step, synthetic=True)
             for r in env.pending
         ]
         self.consecutive_failures += 1

@@ -37,6 +37,9 @@ class Outcome:
     code: int | None
     text: str
     step: str
+    # True when relayd wrote the code and text (e.g. copied a session error onto every
+    # recipient), not the server about this recipient: never classified by reply rules.
+    synthetic: bool = False
 
 
 @dataclass(slots=True)

@@ -16,7 +16,19 @@ ROOT = Path(__file__).resolve().parent.parent / "relayd"
 # Who may import whom: a module imports only from its own layer or one below.
 LAYERS: dict[str, int] = {
     **dict.fromkeys(
-        ["errors", "states", "text", "eventloop", "notify", "logs", "config", "__init__"], 0
+        [
+            "errors",
+            "states",
+            "text",
+            "eventloop",
+            "notify",
+            "logs",
+            "replies",
+            "pacing",
+            "config",
+            "__init__",
+        ],
+        0,
     ),  # the base
     **dict.fromkeys(["envelope", "spool", "message", "auth", "metrics", "wire", "oauth"], 1),
     **dict.fromkeys(

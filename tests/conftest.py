@@ -53,7 +53,9 @@ def bearer_forms(user: str, token: str) -> list[str]:
 # The test OAuth provider's client secret and first refresh token (tests/oauthfake.py); every
 # access and refresh token it issues later is appended here as it is handed out.
 OAUTH_CLIENT_SECRET, OAUTH_FIRST_REFRESH = "cl1ent-Secret-xyz", "rt-first-0123456789"
+REDIS_PASSWORD = "r3dis-Fleet-Secret!"  # tests/redisproc.py's requirepass, pacing.redis_password
 SECRET_FORMS = [
+    REDIS_PASSWORD,
     *forms(USER, PASSWORD),
     *forms(SUBMITTER, SUBMITTER_PASSWORD),
     *bearer_forms(USER, OAUTH_CLIENT_SECRET),
@@ -323,3 +325,29 @@ def message(subject: str = "hello", body: str = "Hi there.\r\n") -> bytes:
 def queue_files(cfg: Config, state: str = "queue") -> list[str]:
     d = Path(cfg.spool.path) / state
     return sorted(p.name for p in d.iterdir()) if d.exists() else []
+
+
+def _redis(tmp_path: Path, password: str = "") -> Iterator[Any]:
+    import redisproc
+
+    if redisproc.binary() is None:
+        if redisproc.required():
+            pytest.fail(f"RELAYD_REQUIRE_REDIS=1 but {redisproc.INSTALL}")
+        pytest.skip(redisproc.INSTALL)
+    server = redisproc.RedisServer(tmp_path, password=password).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[Any]:
+    """A real redis-server on a free port (skipped, or failed in CI, when it is absent)."""
+    yield from _redis(tmp_path)
+
+
+@pytest.fixture
+def redis_with_password(tmp_path: Path) -> Iterator[Any]:
+    """The same, with requirepass REDIS_PASSWORD."""
+    yield from _redis(tmp_path, REDIS_PASSWORD)

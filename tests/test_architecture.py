@@ -30,7 +30,9 @@ LAYERS: dict[str, int] = {
         ],
         0,
     ),  # the base
-    **dict.fromkeys(["envelope", "spool", "message", "auth", "metrics", "wire", "oauth"], 1),
+    **dict.fromkeys(
+        ["envelope", "spool", "message", "auth", "metrics", "wire", "oauth", "fleet"], 1
+    ),
     **dict.fromkeys(
         ["aiosmtpd_fence", "server", "aiosmtplib_fence", "upstream", "endpoint", "fences"], 2
     ),

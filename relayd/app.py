@@ -263,6 +263,8 @@ class Daemon:
         snap = self.relay.snapshot()
         metrics.QUEUE_DEPTH.labels(state=SpoolDir.QUEUE).set(snap.queued)
         metrics.OLDEST_AGE.set(snap.oldest_age)
+        if snap.upstream is not None:
+            metrics.set_upstream(snap.upstream)
         self.failed_count = await asyncio.to_thread(_count, self.spool.root / SpoolDir.FAILED)
         metrics.QUEUE_DEPTH.labels(state=SpoolDir.FAILED).set(self.failed_count)
 
@@ -338,6 +340,8 @@ def _spawn(coro: Any) -> None:
 
 def register_secrets(cfg: Config) -> None:
     logs.add_auth_forms(cfg.upstream.username, cfg.upstream.password)
+    if cfg.pacing.redis_password:
+        logs.add_secrets([cfg.pacing.redis_password])
     logs.add_secrets([cfg.upstream.oauth2.client_secret])  # tokens: oauth.TokenSource
 
 

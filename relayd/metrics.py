@@ -27,11 +27,49 @@ DELIVERY_SECONDS = Histogram(
     "Time from the start of an attempt to the upstream's answer.",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
 )
+HELD = Counter(
+    "relayd_messages_held",
+    "Messages kept queued, no attempt counted, because the upstream paused or throttled.",
+    ["action"],
+)
+THROTTLED = Counter("relayd_upstream_throttled", "Replies that slowed an upstream down.")
+REAUTH = Counter("relayd_upstream_reauth", "Replies that refused the upstream's credentials.")
+PACING_WAIT = Histogram(
+    "relayd_pacing_wait_seconds",
+    "How long a due message waited for its upstream's rate, quota or pause.",
+    buckets=(0.01, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600, 86400),
+)
+UPSTREAM_PAUSED = Gauge(
+    "relayd_upstream_paused", "1 while the upstream is paused over a quota.", ["upstream"]
+)
+UPSTREAM_REAUTH_NEEDED = Gauge(
+    "relayd_upstream_reauth_needed",
+    "1 while the upstream refuses relayd's credentials.",
+    ["upstream"],
+)
+SENT_TODAY = Gauge(
+    "relayd_upstream_sent_today",
+    "What the upstream's daily quota has counted today (messages or recipients).",
+    ["upstream"],
+)
+PACING_FALLBACK = Gauge(
+    "relayd_pacing_fallback", "1 while Redis is unreachable and the local share is in force."
+)
 QUEUE_DEPTH = Gauge("relayd_queue_depth", "Messages in the spool by state.", ["state"])
 OLDEST_AGE = Gauge("relayd_queue_oldest_age_seconds", "Age of the oldest queued message.")
 
 # The delivery process counts these; the listener process, which serves /metrics, applies them.
-FORWARDED = ("DELIVERED", "DEFERRED", "FAILED", "UPSTREAM_FAILURES", "DELIVERY_SECONDS")
+FORWARDED = (
+    "DELIVERED",
+    "DEFERRED",
+    "FAILED",
+    "UPSTREAM_FAILURES",
+    "DELIVERY_SECONDS",
+    "HELD",
+    "THROTTLED",
+    "REAUTH",
+    "PACING_WAIT",
+)
 
 
 class _Recorder:
@@ -65,6 +103,15 @@ def apply(events: Any) -> None:
         if labels:
             metric = metric.labels(**labels)
         getattr(metric, op)(float(value))
+
+
+def set_upstream(up: dict[str, Any]) -> None:
+    """The upstream gauges from a delivery status's "upstream" entry."""
+    name = str(up.get("name") or "")
+    UPSTREAM_PAUSED.labels(upstream=name).set(1 if up.get("state") == "paused" else 0)
+    UPSTREAM_REAUTH_NEEDED.labels(upstream=name).set(1 if up.get("reauth") else 0)
+    SENT_TODAY.labels(upstream=name).set(float(up.get("sent_today") or 0))
+    PACING_FALLBACK.set(1 if up.get("backend") == "fallback" else 0)
 
 
 # Series that exist from the start, so a dashboard sees 0 rather than no data.

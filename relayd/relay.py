@@ -9,7 +9,10 @@ two sessions at once, whatever the CLI does to the files meanwhile.
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import dataclasses
 import heapq
+import os
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -18,7 +21,10 @@ import structlog
 
 from relayd import metrics, outcome
 from relayd.config import Config
+from relayd.envelope import HISTORY_LIMIT, iso
 from relayd.errors import SpoolError, UpstreamError
+from relayd.provider import Provider
+from relayd.replies import Verdict
 from relayd.spool import Envelope, Spool
 from relayd.states import AttemptResult, OutcomeStatus, SpoolDir
 from relayd.upstream import Outcome
@@ -27,6 +33,14 @@ from relayd.wire import DeliveryStatus
 log = structlog.get_logger()
 
 IDLE_CLOSE = 10.0  # seconds an idle upstream session is kept for the next message
+REFRESH = 2.0  # seconds between reads of the shared pacing state, for health and metrics
+BUSY_RETRY = 1.0  # seconds before a message whose session found no free connection tries again
+# The worker a session belongs to: the holder of that session's connection lease.
+HOLDER: contextvars.ContextVar[str] = contextvars.ContextVar("holder", default="")
+
+
+class _NoConnection(Exception):
+    """Every connection the account allows is held (max_connections, fleet-wide)."""
 
 
 class Deliverer(Protocol):
@@ -64,16 +78,20 @@ class Relay:
         # Bumped by retire_sessions(): a worker's session opened before the bump is closed
         # before its next message, so that message goes out under the reloaded upstream config.
         self.generation = 0
+        self.provider = Provider(cfg, clock)
+        self.rcpts: dict[str, int] = {}  # pending recipients, for quotas counted per recipient
+        self.paced: set[str] = set()  # due messages told to wait, for the pacing-wait metric
 
     # -- index -----------------------------------------------------------------------------
 
     def enqueue(self, env: Envelope) -> None:
         """Make a spooled message known; it is dispatched when due (at once if due now)."""
-        self.add(env.id, env.next_attempt_at, env.created_at)
+        self.add(env.id, env.next_attempt_at, env.created_at, len(env.pending))
 
-    def add(self, msg_id: str, due: float, created: float) -> None:
+    def add(self, msg_id: str, due: float, created: float, rcpts: int = 1) -> None:
         self.due[msg_id] = due
         self.created[msg_id] = created
+        self.rcpts[msg_id] = rcpts
         heapq.heappush(self.heap, (due, msg_id))
         self.wake.set()
 
@@ -90,33 +108,38 @@ class Relay:
             consecutive_failures=self.consecutive_failures,
             last_error=self.last_error,
             last_delivery_at=self.last_delivery_at,
+            upstream=self.provider.snapshot(),
         )
 
     def reconfigure(self, cfg: Config) -> None:
         """Use a reloaded upstream/retry config; open sessions are retired (SIGHUP)."""
         self.cfg = cfg
+        self.provider.configure(cfg)
         self.retire_sessions()
 
     def forget(self, msg_id: str) -> None:
         self.due.pop(msg_id, None)
         self.created.pop(msg_id, None)
+        self.rcpts.pop(msg_id, None)
+        self.paced.discard(msg_id)
 
     async def load(self) -> int:
         """Rebuild the index from queue/ (start-up and after CLI edits); returns the depth."""
         # Only what the index needs is kept per envelope: docs/benchmarks.md#start-up-scan
         rows = await asyncio.to_thread(
             lambda: [
-                (e.next_attempt_at, e.id, e.created_at)
+                (e.next_attempt_at, e.id, e.created_at, len(e.pending))
                 for e in self.spool.scan(SpoolDir.QUEUE, repair=True)
             ]
         )
         self.due = {i: t for i, t in self.due.items() if i in self.inflight}
         self.created = {i: t for i, t in self.created.items() if i in self.inflight}
         self.heap = []
-        for when, msg_id, created in rows:
+        for when, msg_id, created, rcpts in rows:
             if msg_id not in self.inflight:
                 self.due[msg_id] = when
                 self.created[msg_id] = created
+                self.rcpts[msg_id] = rcpts
                 self.heap.append((when, msg_id))
         heapq.heapify(self.heap)
         self.wake.set()
@@ -145,13 +168,13 @@ class Relay:
 
     async def run(self, stop: asyncio.Event, drain_timeout: float = 10.0) -> None:
         """Dispatch due messages to workers until stop is set; then drain within the deadline."""
-        workers = [
-            asyncio.create_task(self._worker(n)) for n in range(self.cfg.upstream.max_connections)
-        ]
+        workers = [asyncio.create_task(self._worker(n)) for n in range(self.workers)]
         scheduler = asyncio.create_task(self._schedule())
+        refresher = asyncio.create_task(self._refresh())
         await stop.wait()
         self.stopping = True
         scheduler.cancel()
+        refresher.cancel()
         while not self.work.empty():
             self.inflight.discard(self.work.get_nowait())
         for _ in workers:
@@ -159,26 +182,56 @@ class Relay:
         _, pending = await asyncio.wait(workers, timeout=drain_timeout)
         for task in pending:
             task.cancel()
-        await asyncio.gather(scheduler, *workers, return_exceptions=True)
+        await asyncio.gather(scheduler, refresher, *workers, return_exceptions=True)
+        await self.provider.close()
+
+    async def _refresh(self) -> None:
+        while True:  # shared (Redis) pacing state for health, every few seconds
+            await self.provider.refresh()
+            await asyncio.sleep(REFRESH)
 
     async def _schedule(self) -> None:
         while True:
-            now = self.clock()
-            while self.heap and self.heap[0][0] <= now:
-                when, msg_id = heapq.heappop(self.heap)
-                if self.due.get(msg_id) != when or msg_id in self.inflight:
-                    continue  # stale entry: rescheduled, delivered or already on its way
-                self.inflight.add(msg_id)
-                self.work.put_nowait(msg_id)
             self.wake.clear()
-            delay = self.heap[0][0] - now if self.heap else None
+            delay = await self._dispatch(self.clock())
             try:
                 async with asyncio.timeout(delay):
                     await self.wake.wait()
             except TimeoutError:
                 pass
 
+    async def _dispatch(self, now: float) -> float | None:
+        """Hand due messages to workers in due order, as far as the upstream's gate, pacing
+        and free workers allow; returns seconds until the next may go (None: nothing due)."""
+        while self.heap and self.heap[0][0] <= now:
+            when, msg_id = self.heap[0]
+            if self.due.get(msg_id) != when or msg_id in self.inflight:
+                heapq.heappop(self.heap)  # stale: rescheduled, delivered or on its way
+                continue
+            if self.provider.paced and len(self.inflight) >= self.workers:
+                return None  # a slot is taken only when a worker can use it; its end wakes us
+            wait = await self.provider.admit(self.rcpts.get(msg_id, 1))
+            if wait:
+                self.paced.add(msg_id)
+                return wait
+            # Not popped: during the await another entry may have become the heap's head.
+            # In flight, this one is stale now and dropped when it reaches the head.
+            if msg_id in self.paced:
+                self.paced.discard(msg_id)
+                metrics.PACING_WAIT.observe(max(0.0, now - when))
+            self.inflight.add(msg_id)
+            self.work.put_nowait(msg_id)
+        return self.heap[0][0] - now if self.heap else None
+
+    @property
+    def workers(self) -> int:
+        """Sessions this relayd runs: its share of max_connections when a fleet shares them
+        through Redis, so the relayds do not take one another's leases (and rate slots)."""
+        up, pc = self.cfg.upstream, self.cfg.pacing
+        return max(1, up.max_connections // pc.fleet_size) if pc.redis else up.max_connections
+
     async def _worker(self, n: int) -> None:
+        HOLDER.set(f"{os.getpid()}.{n}")
         session: Deliverer | None = None
         generation = self.generation
         try:
@@ -187,7 +240,7 @@ class Relay:
                     async with asyncio.timeout(IDLE_CLOSE if session else None):
                         msg_id = await self.work.get()
                 except TimeoutError:
-                    await _close(session)
+                    await self._drop(session)
                     session = None
                     continue
                 if not msg_id:
@@ -208,8 +261,16 @@ class Relay:
                     self._retry_later(msg_id)
                 finally:
                     self._done(msg_id)
+                    if session is None:
+                        await self.provider.release(HOLDER.get())
+                    self.wake.set()  # a free worker: the scheduler may hand out the next
         finally:
-            await _close(session)
+            await self._drop(session)
+
+    async def _drop(self, session: Deliverer | None) -> None:
+        """Close the session and give its connection lease back."""
+        await _close(session)
+        await self.provider.release(HOLDER.get())
 
     async def _attempt(self, msg_id: str, session: Deliverer | None) -> Deliverer | None:
         try:
@@ -222,29 +283,101 @@ class Relay:
         if expired is not None:
             await self._finish(expired)
             return session
+        shut = self.provider.gate.shut()
+        if shut:  # paused after this message was handed out: it waits with the rest
+            self._later(msg_id, self.clock() + shut)
+            return session
         bound = log.bind(msg_id=env.id, attempt=env.attempts + 1)
         started = time.monotonic()
         try:
             session, outcomes = await self._send(env, data, session)
+        except _NoConnection:
+            self._later(msg_id, self.clock() + BUSY_RETRY)
+            return None
         except UpstreamError as err:
             await _close(session)
             metrics.UPSTREAM_FAILURES.labels(step=err.step).inc()
-            await self._defer(env, err, bound)
-            if err.step in ("dns", "connect", "tls", "banner", "ehlo", "token", "auth"):
-                await self._defer_waiting(err)
+            await self._upstream_failed(env, err, bound)
+            self.provider.settle(delivered=False)
             return None
         metrics.DELIVERY_SECONDS.observe(time.monotonic() - started)
+        if await self._held(env, outcomes, bound):
+            await _close(session)
+            return None
         await self._apply(env, outcomes, bound)
+        self.provider.settle(delivered=any(o.status == OutcomeStatus.DELIVERED for o in outcomes))
         if session.sent >= self.cfg.upstream.max_messages_per_session:
             await _close(session)
             return None
         return session
+
+    async def _upstream_failed(self, env: Envelope, err: UpstreamError, bound: Any) -> None:
+        """A session error: a pause or throttle holds the message; anything else defers it."""
+        verdict = self.provider.judge_error(err)
+        if verdict is not None and verdict.action in ("pause", "throttle"):
+            await self._hold(env, verdict, err.step, err.code, err.text, bound)
+            return
+        if verdict is not None and verdict.action == "reauth":
+            await self.provider.enact(verdict)  # the upstream waits; the message defers as ever
+        await self._defer(env, err, bound)
+        if err.step in ("dns", "connect", "tls", "banner", "ehlo", "token", "auth"):
+            await self._defer_waiting(err)
+
+    async def _held(self, env: Envelope, outcomes: list[Outcome], bound: Any) -> bool:
+        """Replies about the upstream (quota, rate, login), not the message: True when the
+        whole message is held; recipients delivered meanwhile make it an ordinary retry."""
+        verdicts = self.provider.judge(outcomes)
+        if not verdicts:
+            return False
+        verdict = self.provider.strongest(list(verdicts.values()))
+        if not any(o.status == OutcomeStatus.DELIVERED for o in outcomes):
+            first = next(o for o in outcomes if o.address in verdicts)
+            await self._hold(env, verdict, first.step, first.code, first.text, bound)
+            return True
+        await self.provider.enact(verdict)
+        outcomes[:] = [
+            dataclasses.replace(o, status=OutcomeStatus.TEMPORARY) if o.address in verdicts else o
+            for o in outcomes
+        ]
+        return False
+
+    async def _hold(
+        self, env: Envelope, verdict: Verdict, step: str, code: int | None, text: str, bound: Any
+    ) -> None:
+        """Keep the message queued without counting an attempt: the upstream must wait."""
+        until = await self.provider.enact(verdict)
+        now = self.clock()
+        reply = {"step": step, "code": code, "text": text, "at": iso(now)}
+        entry = {**reply, "attempt": env.attempts, "result": verdict.action}
+        env = dataclasses.replace(
+            env,
+            next_attempt_at=until,
+            history=(*env.history, entry)[-HISTORY_LIMIT:],
+            last_error={**reply, "action": verdict.action},
+        )
+        try:
+            await asyncio.to_thread(self.spool.save, env)
+        except SpoolError:
+            self.forget(env.id)  # deleted by an operator during the attempt
+            return
+        metrics.HELD.labels(action=verdict.action).inc()
+        bound.info(
+            "delivery.held",
+            action=verdict.action,
+            retry_in=round(max(0.0, until - now), 3),
+            step=step,
+            code=code,
+            text=text,
+        )
+        if not self.stopping:
+            self.enqueue(env)
 
     async def _send(
         self, env: Envelope, data: bytes, session: Deliverer | None
     ) -> tuple[Deliverer, list[Outcome]]:
         rcpts = [r.address for r in env.pending]
         if session is not None:
+            await self.provider.lease(HOLDER.get())  # renews a shared lease before it expires
             try:
                 return session, await session.send(env.mail_from, rcpts, data)
             except UpstreamError as err:
@@ -253,6 +386,8 @@ class Relay:
                 if err.step not in ("rset", "mail") or err.code is not None:
                     raise
                 await _close(session)
+        if not await self.provider.lease(HOLDER.get()):
+            raise _NoConnection
         fresh = self.connect()
         try:
             await fresh.open()
@@ -275,8 +410,11 @@ class Relay:
             self.wake.set()
 
     def _retry_later(self, msg_id: str) -> None:
+        self._later(msg_id, self.clock() + self.cfg.retry.initial_delay)
+
+    def _later(self, msg_id: str, when: float) -> None:
+        """Due again at when, in the index only: no attempt counted, nothing written."""
         if msg_id in self.due and not self.stopping:
-            when = self.clock() + self.cfg.retry.initial_delay
             self.due[msg_id] = when
             heapq.heappush(self.heap, (when, msg_id))
             self.wake.set()

@@ -53,7 +53,7 @@ class DeliveryProcess:
 
     def enqueue(self, env: Envelope) -> None:
         self.status = dataclasses.replace(self.status, queued=self.status.queued + 1)
-        self._send(wire.Queued(env.id, env.next_attempt_at, env.created_at))
+        self._send(wire.Queued(env.id, env.next_attempt_at, env.created_at, len(env.pending)))
 
     def flush(self) -> None:
         self._send(wire.Flush())

@@ -34,6 +34,9 @@ class DeliveryStatus:
     consecutive_failures: int = 0
     last_error: dict[str, Any] | None = None
     last_delivery_at: float | None = None
+    # The upstream's state (relayd.provider.Provider.snapshot): ok|paused|throttled|reauth,
+    # paused_until, reason, why a due message waits, today's count, the rate in force.
+    upstream: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -43,6 +46,7 @@ class DeliveryStatus:
             "consecutive_failures": self.consecutive_failures,
             "last_error": self.last_error,
             "last_delivery_at": self.last_delivery_at,
+            "upstream": self.upstream,
         }
 
     @classmethod
@@ -54,6 +58,7 @@ class DeliveryStatus:
             consecutive_failures=int(doc.get("consecutive_failures") or 0),
             last_error=doc.get("last_error") if isinstance(doc.get("last_error"), dict) else None,
             last_delivery_at=_float_or_none(doc.get("last_delivery_at")),
+            upstream=doc.get("upstream") if isinstance(doc.get("upstream"), dict) else None,
         )
 
 
@@ -116,9 +121,10 @@ class Queued:
     id: str
     due: float
     created: float
+    rcpts: int = 1  # pending recipients, for a daily quota counted per recipient
 
     def to_json(self) -> dict[str, Any]:
-        return {"new": self.id, "due": self.due, "created": self.created}
+        return {"new": self.id, "due": self.due, "created": self.created, "rcpts": self.rcpts}
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,7 +159,8 @@ Command = Queued | Flush | Rescan | Reconfigure
 def command_from_json(doc: dict[str, Any]) -> Command | None:
     """The command a pipe line carries; None for one this version does not know."""
     if "new" in doc:
-        return Queued(str(doc["new"]), float(doc["due"]), float(doc["created"]))
+        due, created = float(doc["due"]), float(doc["created"])
+        return Queued(str(doc["new"]), due, created, int(doc.get("rcpts") or 1))
     cmd = doc.get("cmd")
     if cmd == "flush":
         return Flush()

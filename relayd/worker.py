@@ -49,7 +49,7 @@ async def _commands(relay: Relay, stop: asyncio.Event, stdin: asyncio.StreamRead
 async def _obey(relay: Relay, command: wire.Command | None) -> None:
     if isinstance(command, wire.Queued):
         if command.id not in relay.inflight:
-            relay.add(command.id, command.due, command.created)
+            relay.add(command.id, command.due, command.created, command.rcpts)
     elif isinstance(command, wire.Flush):
         relay.flush()
     elif isinstance(command, wire.Rescan):
@@ -58,6 +58,8 @@ async def _obey(relay: Relay, command: wire.Command | None) -> None:
     elif isinstance(command, wire.Reconfigure):
         new = command.config
         logs.add_auth_forms(new.upstream.username, new.upstream.password)
+        if new.pacing.redis_password:
+            logs.add_secrets([new.pacing.redis_password])
         relay.reconfigure(new)
         logs.setup(new.log.format, new.log.level)
 
@@ -101,6 +103,8 @@ async def _main() -> int:
     alive = asyncio.create_task(_alive())
     logs.setup(cfg.log.format, cfg.log.level)
     logs.add_auth_forms(cfg.upstream.username, cfg.upstream.password)
+    if cfg.pacing.redis_password:
+        logs.add_secrets([cfg.pacing.redis_password])
     spool = Spool(cfg.spool.path)
     await asyncio.to_thread(_lock, spool)
     events: list[Any] = []

@@ -130,6 +130,7 @@ class Received:
     rcpt_tos: list[str]
     data: bytes
     login: str | None
+    at: float = 0.0  # time.monotonic() of the 250 to DATA
 
 
 @dataclass
@@ -144,6 +145,10 @@ class Sink:
     data_replies: list[str] = field(default_factory=list)
     rcpt_replies: dict[str, str] = field(default_factory=dict)
     sessions: int = 0
+    connected_at: list[float] = field(default_factory=list)  # time.monotonic() of each session
+    # The reply to a refused AUTH (default: aiosmtpd's 535). Not named auth_*: aiosmtpd takes
+    # every auth_<NAME> attribute of its handler for an AUTH mechanism it offers.
+    refused_auth_reply: str = ""
     protocols: list[Any] = field(default_factory=list)
     port: int = 0
     server: asyncio.base_events.Server | None = None
@@ -173,7 +178,13 @@ class Sink:
             else (session.auth_data)
         )
         self.messages.append(
-            Received(envelope.mail_from, list(envelope.rcpt_tos), envelope.original_content, login)
+            Received(
+                envelope.mail_from,
+                list(envelope.rcpt_tos),
+                envelope.original_content,
+                login,
+                time.monotonic(),
+            )
         )
         return "250 2.0.0 queued upstream"
 
@@ -185,7 +196,7 @@ class Sink:
             self.logins.append(auth_data.login.decode())
             return AuthResult(success=True, auth_data=auth_data.login)
         self.auth_failures += 1
-        return AuthResult(success=False, handled=False)
+        return AuthResult(success=False, handled=False, message=self.refused_auth_reply or None)
 
 
 @dataclass
@@ -220,6 +231,7 @@ async def start_sink(
 
     def factory() -> SMTP:
         sink.sessions += 1
+        sink.connected_at.append(time.monotonic())
         proto = SMTP(
             sink,
             hostname="upstream.test",

@@ -31,12 +31,15 @@ LAYERS: dict[str, int] = {
         0,
     ),  # the base
     **dict.fromkeys(
-        ["envelope", "spool", "message", "auth", "metrics", "wire", "oauth", "fleet"], 1
+        ["envelope", "spool", "message", "auth", "metrics", "wire", "oauth", "fleet", "gate"], 1
+    ),
+    **dict.fromkeys(
+        ["envelope", "spool", "message", "auth", "metrics", "wire", "oauth", "fleet", "gate"], 1
     ),
     **dict.fromkeys(
         ["aiosmtpd_fence", "server", "aiosmtplib_fence", "upstream", "endpoint", "fences"], 2
     ),
-    **dict.fromkeys(["outcome", "relay", "outbox"], 3),
+    **dict.fromkeys(["outcome", "provider", "relay", "outbox"], 3),
     **dict.fromkeys(["supervisor", "worker"], 4),
     "app": 5,
     "cli": 6,  # relayd.cli and every relayd.cli.<module>

@@ -126,3 +126,32 @@ async def test_a_redis_restart_between_calls_is_not_an_outage(redis_server: Any)
             assert (await a.refresh())["backend"] == "redis"
     assert logs == []
     await a.close()
+
+
+async def test_redis_password_from_file_is_used_and_never_shown(redis_with_password, tmp_path):
+    """pacing.redis_password_file: the limiter authenticates; the config's repr hides it."""
+    from conftest import REDIS_PASSWORD
+
+    from relayd import config as config_mod
+    from relayd.provider import limiter_for
+
+    secret = tmp_path / "redis.pass"
+    secret.write_text(REDIS_PASSWORD + "\n")
+    cfg = config_mod.load(
+        None,
+        {
+            "RELAYD_UPSTREAM_HOST": "smtp.example.com",
+            "RELAYD_UPSTREAM_RATE": "1/minute",
+            "RELAYD_PACING_REDIS": redis_with_password.url,
+            "RELAYD_PACING_REDIS_PASSWORD_FILE": str(secret),
+            "RELAYD_SPOOL_PATH": str(tmp_path / "spool"),
+        },
+    )
+    assert REDIS_PASSWORD not in repr(cfg)
+    lim = limiter_for(cfg, Clock())
+    with capture_logs() as logs:
+        assert await lim.acquire() is None
+        state = await lim.refresh()  # type: ignore[attr-defined]
+    assert state["backend"] == "redis" and state["sent_today"] == 1
+    assert logs == []
+    await lim.close()  # type: ignore[attr-defined]

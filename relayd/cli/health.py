@@ -22,7 +22,7 @@ from relayd.spool import Spool
 from relayd.states import SpoolDir
 from relayd.wire import STATUS_FILE, DaemonStatus
 
-__all__ = ["STATUS_FILE", "add_parser", "check", "run"]
+__all__ = ["STATUS_FILE", "add_parser", "check", "report", "run"]
 
 STALE_AFTER = 30.0  # seconds without a status update before the daemon counts as stuck
 
@@ -52,13 +52,22 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="with --strict: age of the oldest queued message tolerated (default 3600)",
     )
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print the daemon's status as JSON (upstream state, pause, quota, rate)",
+    )
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args)
-    ok, line = check(Path(cfg.spool.path), args.strict, args.max_failures, args.max_age)
-    say(f"relayd: {line}")
+    root = Path(cfg.spool.path)
+    ok, line = check(root, args.strict, args.max_failures, args.max_age)
+    if getattr(args, "json", False):
+        say(json.dumps(report(root, ok, line)))  # one ASCII line: say() keeps it whole
+    else:
+        say(f"relayd: {line}")
     return 0 if ok else 1
 
 
@@ -82,6 +91,24 @@ def check(
     if strict and trouble:
         return False, f"upstream trouble: {summary}"
     return True, f"{'healthy (upstream trouble)' if trouble else 'healthy'}: {summary}"
+
+
+def report(root: Path, ok: bool, line: str) -> dict[str, Any]:
+    """--json: the verdict and what the daemon last reported (per upstream: state, paused
+    until, throttled, reauth, today's count against daily, the rate in force)."""
+    pid = Spool(root).daemon_pid()
+    status = _read_status(root, pid)[0] if pid is not None else None
+    if status is None:
+        return {"healthy": ok, "summary": line, "pid": pid, "upstreams": []}
+    up = status.delivery.upstream
+    return {
+        "healthy": ok,
+        "summary": line,
+        "pid": pid,
+        "queued": status.delivery.queued,
+        "failed": status.failed,
+        "upstreams": [up] if up else [],
+    }
 
 
 def _read_status(root: Path, pid: int) -> tuple[DaemonStatus | None, str]:

@@ -12,6 +12,7 @@ import json
 import shutil
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from relayd import text
@@ -19,6 +20,7 @@ from relayd.cli.common import load_config, open_spool, say, signal_daemon, warn
 from relayd.errors import RelaydError, SpoolError
 from relayd.spool import Envelope, Spool, iso
 from relayd.states import RcptState, SpoolDir
+from relayd.wire import STATUS_FILE
 
 STATES: dict[str, str] = {"queued": SpoolDir.QUEUE, "failed": SpoolDir.FAILED}
 NAMES: dict[str, str] = {SpoolDir.QUEUE: "queued", SpoolDir.FAILED: "failed"}
@@ -110,6 +112,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     spool = open_spool(load_config(args))
     envs = scan(spool, args.state)
     now = time.time()
+    waiting = upstream_waiting(spool.root, now)
     if args.json:
         # One record per line: json's C encoder only runs without indent, and with 100,000
         # queued messages the indented form took most of the command's 9 s.
@@ -118,24 +121,43 @@ def cmd_list(args: argparse.Namespace) -> int:
         for i, env in enumerate(envs):
             # ASCII JSON: every control character (C1 included) is a \\u escape, and an
             # address that was not UTF-8 (a lone surrogate) cannot make the encoder raise.
-            out.write(("," if i else "") + json.dumps(record(env, now)) + "\n")
+            doc = record(env, now)
+            if waiting and env.state == SpoolDir.QUEUE and env.next_attempt_at <= now:
+                doc["waiting"] = waiting
+            out.write(("," if i else "") + json.dumps(doc) + "\n")
         out.write("]\n")
         return 0
     if not envs:
         say("queue empty" if args.state != "failed" else "no failed messages")
         return 0
     width = shutil.get_terminal_size((120, 24)).columns
-    rows = [_row(e, now) for e in envs]
+    rows = [_row(e, now, waiting) for e in envs]
     head = ["ID", "STATE", "AGE", "TRIES", "NEXT", "SIZE", "FROM", "TO", "LAST"]
     queued = sum(e.state == SpoolDir.QUEUE for e in envs)
     say(*table(head, rows, width), f"{queued} queued, {len(envs) - queued} failed")
     return 0
 
 
-def _row(env: Envelope, now: float) -> list[str]:
+def upstream_waiting(root: Any, now: float) -> str:
+    """Why due messages are not being sent (the upstream's rate, quota or pause), as the
+    running daemon last reported it in status.json; '' when nothing waits or it is stale."""
+    try:
+        doc = json.loads((Path(root) / STATUS_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return ""
+    if not isinstance(doc, dict) or now - float(doc.get("updated_at") or 0.0) > 30.0:
+        return ""
+    up = doc.get("upstream")
+    return " ".join(str(up.get("waiting") or "").split()) if isinstance(up, dict) else ""
+
+
+def _row(env: Envelope, now: float, waiting: str = "") -> list[str]:
+    last = env.reason if env.state == SpoolDir.FAILED else describe_error(env.last_error)
     if env.state == SpoolDir.QUEUE:
         wait = env.next_attempt_at - now
         nxt = "now" if wait <= 0 else f"in {ago(wait)}"
+        if wait <= 0 and waiting:
+            nxt, last = "waiting", waiting
     else:
         nxt = "-"
     rcpts = ", ".join(
@@ -151,7 +173,7 @@ def _row(env: Envelope, now: float) -> list[str]:
         size(env.size),
         env.mail_from or "<>",
         rcpts,
-        env.reason if env.state == SpoolDir.FAILED else describe_error(env.last_error),
+        last,
     ]
 
 
@@ -159,7 +181,8 @@ def describe_error(err: dict[str, Any] | None) -> str:
     if not err:
         return ""
     code = f"{err['code']} " if err.get("code") else ""
-    return f"{err.get('step', '?')}: {code}{err.get('text', '')}".replace("\n", " ")
+    held = f"{err['action']} " if err.get("action") else ""  # pause | throttle | reauth
+    return f"{held}{err.get('step', '?')}: {code}{err.get('text', '')}".replace("\n", " ")
 
 
 def size(n: int) -> str:

@@ -71,6 +71,18 @@ if mode == 'throttle' then
   end
   return {'1', '0', ''}
 end
+if mode == 'rejoin' then
+  if interval > 0 then redis.call('HSET', KEYS[1], 'tat', math.max(tat, now + interval * burst)) end
+  if cost > 0 then
+    redis.call('HSET', KEYS[1], 'count', count + cost)
+    if rolling then
+      redis.call('ZADD', KEYS[2], now, member .. ':' .. cost)
+      redis.call('HINCRBY', KEYS[1], 'total', cost)
+      redis.call('EXPIRE', KEYS[2], ARGV[11])
+    end
+  end
+  return {'1', '0', ''}
+end
 if mode == 'lease' or mode == 'release' then
   redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
   if mode == 'release' then redis.call('ZREM', KEYS[3], member); return {'1', '0', ''} end
@@ -141,6 +153,7 @@ class SharedLimiter:
         self.shared = True
         self.next_probe = 0.0
         self.probe_delay = 1.0
+        self.unsynced = 0  # daily cost sent on the local share, added to Redis on rejoining
         self.last_state: dict[str, Any] = {}
 
     @classmethod
@@ -154,8 +167,18 @@ class SharedLimiter:
 
     async def _run(self, mode: str, **kw: Any) -> list[str] | None:
         """The script's answer, or None when Redis is out of reach (and the fallback is on)."""
-        if not self.shared and self.clock() < self.next_probe:
-            return None
+        if not self.shared:
+            if self.clock() < self.next_probe:
+                return None
+            # Back: what was sent meanwhile joins the shared daily count, and the shared TAT
+            # starts no earlier than a full burst from now (it is 30 s stale after 30 s away).
+            if await self._call("rejoin", cost=self.unsynced) is None:
+                return None
+            self.shared, self.unsynced = True, 0
+            log.info("pacing.rejoined", account=self.account)
+        return await self._call(mode, **kw)
+
+    async def _call(self, mode: str, **kw: Any) -> list[str] | None:
         lim = self.limits
         args = [mode, lim.interval, lim.burst, lim.daily, kw.get("cost", 1), lim.daily_window,
                 kw.get("member", uuid.uuid4().hex), lim.connections, kw.get("seconds", 0),
@@ -171,13 +194,15 @@ class SharedLimiter:
                 if last:
                     self._lost(exc)
                     return None
-        self._back()
         return [v.decode() if isinstance(v, bytes) else str(v) for v in reply]
 
     def _lost(self, exc: BaseException) -> None:
         if self.shared:
             self.shared = False
             self.probe_delay = 1.0
+            # The shared bucket was in use: the local share starts with its burst spent, so
+            # the switch adds no burst on top of what the fleet just sent.
+            self.local.spend_burst()
             log.warning(
                 "pacing.fallback",
                 account=self.account,
@@ -188,16 +213,14 @@ class SharedLimiter:
             self.probe_delay = min(PROBE_MAX, self.probe_delay * 2)
         self.next_probe = self.clock() + self.probe_delay
 
-    def _back(self) -> None:
-        if not self.shared:
-            self.shared = True
-            log.info("pacing.rejoined", account=self.account)
-
     async def acquire(self, recipients: int = 1) -> Wait | None:
         """As LocalLimiter.acquire, for the whole fleet at once."""
         reply = await self._run("acquire", cost=self.limits.cost(recipients))
         if reply is None:
-            return self.local.take(recipients)
+            wait = self.local.take(recipients)
+            if wait is None:
+                self.unsynced += self.limits.cost(recipients)
+            return wait
         return None if reply[0] == "1" else Wait(float(reply[1]), reply[2])
 
     async def lease(self, holder: str) -> bool:

@@ -158,6 +158,12 @@ class LocalLimiter:
         self._count(now, lim.cost(recipients))
         return None
 
+    def spend_burst(self) -> None:
+        """Start as if a full burst had just gone: the next message waits one interval."""
+        lim = self.limits
+        if lim.count:
+            self.tat = max(self.tat, self.clock() + lim.interval * lim.burst)
+
     def _slow(self, now: float) -> float:
         return self.slow if now < self.slow_until else 1.0
 

@@ -79,23 +79,29 @@ async def test_a_throttle_slows_the_whole_fleet(redis_server: Any) -> None:
 
 
 async def test_redis_gone_falls_back_to_a_share_and_rejoins(redis_server: Any) -> None:
-    """Redis stopped: 1/fleet_size of the burst locally, logged once; back: shared again."""
+    """Redis stopped: the local share (its burst spent, so the switch adds none), logged once;
+    back: shared again, what went meanwhile added to the shared count, no burst on rejoining."""
     clock = Clock()
-    limits = Limits.of("1/minute", burst=4)
+    limits = Limits.of("1/minute", burst=4, daily=100)
     a = limiter(redis_server, limits, fleet=2, clock=clock)
     assert await a.acquire() is None
     redis_server.stop()
     with capture_logs() as logs:
-        grants = [await a.acquire() for _ in range(4)]
-    assert grants[:2] == [None, None] and all(g is not None for g in grants[2:])
+        first = await a.acquire()
+        assert first is not None and first.limit == "rate"
+        clock.now += first.seconds
+        assert await a.acquire() is None  # one at the local share's pace
+        assert await a.acquire() is not None
     assert [e["event"] for e in logs].count("pacing.fallback") == 1
     assert a.state()["backend"] == "fallback"
-    redis_server.start()
+    redis_server.start()  # empty: no persistence
     clock.now += 120.0  # past the probe backoff
     with capture_logs() as logs:
-        await a.acquire()
+        after = await a.acquire()
     assert [e["event"] for e in logs] == ["pacing.rejoined"]
-    assert (await a.refresh())["backend"] == "redis"
+    assert after is not None and after.limit == "rate"
+    state = await a.refresh()
+    assert state["backend"] == "redis" and state["sent_today"] == 1
     await a.close()
 
 
@@ -107,7 +113,8 @@ async def test_a_wrong_redis_password_falls_back_without_showing_it(redis_with_p
         redis_with_password.url, "not-the-password", "acct", Limits.of("1/minute"), 2
     )
     with capture_logs() as logs:
-        assert await lim.acquire() is None
+        await lim.acquire()
+    assert lim.state()["backend"] == "fallback"
     assert [e["event"] for e in logs] == ["pacing.fallback"]
     assert "not-the-password" not in repr(logs)
     await lim.close()

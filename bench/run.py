@@ -73,8 +73,10 @@ def make_certs(tmp: Path) -> tuple[Path, Path, Path]:
 class Sink:
     """bench/sink.py in its own process; stats() asks it for its counters."""
 
-    def __init__(self, cert: Path, key: Path, delay_ms: float) -> None:
+    def __init__(self, cert: Path, key: Path, delay_ms: float, arrivals: str = "") -> None:
         cmd = [sys.executable, str(HERE / "sink.py"), "--cert", str(cert), "--key", str(key)]
+        if arrivals:
+            cmd += ["--arrivals", arrivals]
         self.proc = subprocess.Popen(
             [*cmd, "--delay-ms", str(delay_ms)],
             stdin=subprocess.PIPE,

@@ -2,12 +2,13 @@
 
 Run by bench/run.py as a subprocess so it does not share an interpreter with the load:
 
-    python bench/sink.py --cert CERT --key KEY [--delay-ms 0]
+    python bench/sink.py --cert CERT --key KEY [--delay-ms 0] [--arrivals FILE]
 
 It prints ``port=N`` once listening, then answers every line on stdin with one JSON line of
 counters (messages, bytes, logins, sessions, peak concurrent sessions). It reads DATA by
 searching the buffer for the terminating dot, not line by line, so it stays far cheaper than
-the relay under test.
+the relay under test. With --arrivals it appends the wall-clock time of each accepted message
+to FILE, one per line (bench/pacing.py checks the pacing on it).
 """
 
 from __future__ import annotations
@@ -17,7 +18,10 @@ import asyncio
 import json
 import ssl
 import sys
+import time
+from typing import IO
 
+ARRIVALS: list[IO[str]] = []
 STATS = {"messages": 0, "bytes": 0, "logins": 0, "sessions": 0, "active": 0, "peak_active": 0}
 
 
@@ -57,6 +61,9 @@ async def session(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, de
                 body = await reader.readuntil(b"\r\n.\r\n")
                 STATS["messages"] += 1
                 STATS["bytes"] += len(body)
+                for fh in ARRIVALS:
+                    fh.write(f"{time.time():.6f}\n")
+                    fh.flush()
                 await reply(writer, b"250 2.0.0 queued", delay)
             elif verb == b"QUIT":
                 await reply(writer, b"221 bye", delay)
@@ -76,7 +83,10 @@ async def main() -> None:
     ap.add_argument("--cert", required=True)
     ap.add_argument("--key", required=True)
     ap.add_argument("--delay-ms", type=float, default=0.0)
+    ap.add_argument("--arrivals", default="", help="append each message's arrival time here")
     opts = ap.parse_args()
+    if opts.arrivals:
+        ARRIVALS.append(open(opts.arrivals, "a", encoding="ascii"))  # noqa: ASYNC230, SIM115 - once, before serving
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.load_cert_chain(opts.cert, opts.key)
     delay = opts.delay_ms / 1000.0

@@ -419,8 +419,11 @@ class Spool:
         files are moved to corrupt/ with a log line instead of being skipped.
         """
         if repair:
-            # Repairs decide from a listing; the lock keeps a CLI's move out of that listing.
-            with self.editing():
+            # Repairs decide from a listing; the lock keeps a CLI's move out of that listing,
+            # and, exclusive, the daemon's own removals too: a listing taken between a
+            # removal's two unlinks shows a .json without its .eml, and the delivered
+            # message's .json went to corrupt/ (a rescan while deliveries run).
+            with self.editing(exclusive=True):
                 yield from self._scan(state, repair)
         else:
             yield from self._scan(state, repair)

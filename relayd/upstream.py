@@ -20,26 +20,25 @@ import aiosmtplib
 import structlog
 
 from relayd import oauth
-from relayd.aiosmtplib_fence import crlf_clean, stream_body, streamable
+from relayd.aiosmtplib_fence import hand_over
 from relayd.config import UpstreamConfig
 from relayd.errors import UpstreamError
 from relayd.states import OutcomeStatus, SaslMechanism, TlsMode, UpstreamAuth
+from relayd.transaction import Channel, Outcome, Result, Submission, status
+
+__all__ = [
+    "Outcome",
+    "Result",
+    "Session",
+    "StepTiming",
+    "Submission",
+    "auth_hint",
+    "tls_context",
+    "tls_details",
+    "tls_hint",
+]
 
 log = structlog.get_logger()
-
-
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """What the upstream said about one recipient of one message."""
-
-    address: str
-    status: OutcomeStatus
-    code: int | None
-    text: str
-    step: str
-    # True when relayd wrote the code and text (e.g. copied a session error onto every
-    # recipient), not the server about this recipient: never classified by reply rules.
-    synthetic: bool = False
 
 
 @dataclass(slots=True)
@@ -68,12 +67,6 @@ def _tls_context(ca_file: str, mtime: int, verify: bool) -> ssl.SSLContext:
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
     return ctx
-
-
-def _classify(code: int | None) -> OutcomeStatus:
-    if code is not None and 500 <= code < 600:
-        return OutcomeStatus.PERMANENT
-    return OutcomeStatus.TEMPORARY
 
 
 def auth_hint(host: str, code: int | None, text: str) -> str:
@@ -126,10 +119,7 @@ class Session:
         self.sent = 0
         self.extensions: dict[str, str] = {}
         self.mechanism = ""  # the SASL mechanism of an OAuth login
-        # A transaction may be open (MAIL accepted, no final 250 yet): RSET before the next.
-        # After a 250 to the final dot the session is already clean (RFC 5321 §4.1.1.4), so
-        # a reused session skips RSET: one round trip of five per message.
-        self.dirty = False
+        self.channel: Channel | None = None  # the transaction path, once logged in
 
     def __repr__(self) -> str:
         return f"<upstream.Session {self.cfg.host}:{self.cfg.port} tls={self.cfg.tls}>"
@@ -178,6 +168,7 @@ class Session:
                     offered=" ".join(smtp.server_auth_methods).upper(),
                     reply=f"{reply.code} {reply.message}",
                 )
+            self.channel = Channel(hand_over(smtp, cfg.timeout), self.extensions)
         except BaseException:
             smtp.close()
             self.smtp = None
@@ -229,7 +220,7 @@ class Session:
         try:
             await smtp.connect()
         except aiosmtplib.SMTPConnectResponseError as exc:
-            temporary = _classify(exc.code) == OutcomeStatus.TEMPORARY or exc.code == 554
+            temporary = status(exc.code) == OutcomeStatus.TEMPORARY or exc.code == 554
             raise _refused("greeting refused", "connect", exc, temporary=temporary) from exc
         except (aiosmtplib.SMTPException, OSError) as exc:
             cause = exc.__cause__ if exc.__cause__ is not None else exc
@@ -342,101 +333,49 @@ class Session:
             raise UpstreamError(f"AUTH failed: {exc}", step="auth", temporary=True) from exc
         return reply
 
+    @property
+    def pipelining(self) -> bool:
+        """The server takes a flight of commands in one write (RFC 2920)."""
+        return self.channel is not None and self.channel.pipelining
+
     async def send(self, mail_from: str, rcpt_to: list[str], data: bytes) -> list[Outcome]:
         """Send one message; per-recipient outcomes, or UpstreamError if the session broke."""
-        smtp = self.smtp
-        if smtp is None:
-            raise UpstreamError("session not open", step="connect", temporary=True)
-        step = "mail"
-        try:
-            if self.dirty:
-                step = "rset"
-                await smtp.rset()
-                self.dirty = False
-            step = "mail"
-            self.dirty = True
-            mail = await smtp.execute_command(
-                b"MAIL",
-                b"FROM:<" + mail_from.encode() + b">",
-                *self._mail_options(mail_from, rcpt_to, data),
-            )
-            if mail.code != 250:
-                return [
-                    Outcome(a, _classify(mail.code), mail.code, mail.message, "mail")
-                    for a in rcpt_to
-                ]
-            step = "rcpt"
-            refused, accepted = await self._rcpt_all(smtp, rcpt_to)
-            if not accepted:
-                self.sent += 1
-                return refused
-            step = "data"
-            reply = await self._data(smtp, data)
-            self.dirty = reply.code != 250
-            self.sent += 1
-        except aiosmtplib.SMTPResponseException as exc:
-            # 421 or similar mid-transaction: the server is closing; nobody got the message.
-            raise _refused(f"{step.upper()} failed", step, exc) from exc
-        except (aiosmtplib.SMTPException, OSError) as exc:
-            raise UpstreamError(
-                f"connection lost during {step.upper()}: {_describe(exc)}",
-                step=step,
-                temporary=True,
-            ) from exc
-        status = OutcomeStatus.DELIVERED if reply.code == 250 else _classify(reply.code)
-        return refused + [Outcome(a, status, reply.code, reply.message, "data") for a in accepted]
+        [result] = await self.send_many([Submission(mail_from, tuple(rcpt_to), data)])
+        if isinstance(result, UpstreamError):
+            raise result
+        return result
 
-    def _mail_options(self, mail_from: str, rcpt_to: list[str], data: bytes) -> list[bytes]:
-        smtp = self.smtp
-        assert smtp is not None
-        opts: list[bytes] = []
-        if smtp.supports_extension("size"):
-            opts.append(b"SIZE=%d" % len(data))
-        if smtp.supports_extension("8bitmime") and not data.isascii():
-            opts.append(b"BODY=8BITMIME")
-        if smtp.supports_extension("smtputf8") and not all(
-            a.isascii() for a in [mail_from, *rcpt_to]
-        ):
-            opts.append(b"SMTPUTF8")
-        return opts
+    async def send_many(self, subs: list[Submission]) -> list[Result]:
+        """Send messages in flights (pipelined when the server allows); a result per message.
 
-    async def _rcpt_all(
-        self, smtp: aiosmtplib.SMTP, rcpt_to: list[str]
-    ) -> tuple[list[Outcome], list[str]]:
-        refused: list[Outcome] = []
-        accepted: list[str] = []
-        for address in rcpt_to:
-            reply = await smtp.execute_command(b"RCPT", b"TO:<" + address.encode() + b">")
-            if reply.code in (250, 251):
-                accepted.append(address)
-            else:
-                refused.append(
-                    Outcome(address, _classify(reply.code), reply.code, reply.message, "rcpt")
-                )
-        return refused, accepted
-
-    async def _data(self, smtp: aiosmtplib.SMTP, data: bytes) -> aiosmtplib.SMTPResponse:
-        if not crlf_clean(data) or not streamable(smtp):
-            try:  # the library's path: it normalises line endings first
-                return await smtp.data(data)
-            except aiosmtplib.SMTPDataError as exc:
-                return aiosmtplib.SMTPResponse(exc.code, exc.message)
-        start = await smtp.execute_command(b"DATA")
-        if start.code != 354:
-            return start
-        return await stream_body(smtp, data, self.cfg.timeout)
+        A message's outcomes come only from the replies to its own commands; a message the
+        session broke before its final reply gets the UpstreamError and is not delivered.
+        """
+        if self.channel is None:
+            error = UpstreamError("session not open", step="connect", temporary=True)
+            return [error for _ in subs]
+        results = await self.channel.send_many(subs)
+        self.sent += sum(not isinstance(r, UpstreamError) for r in results)
+        return results
 
     async def close(self) -> None:
         """QUIT politely (bounded by the timeout), then drop the connection."""
         smtp, self.smtp = self.smtp, None
+        channel, self.channel = self.channel, None
         if smtp is None:
             return
         try:
-            if smtp.is_connected:
+            if channel is not None:
+                async with asyncio.timeout(min(self.cfg.timeout, 5.0)):
+                    channel.link.write(b"QUIT\r\n")
+                    await channel.link.read()
+            elif smtp.is_connected:
                 await smtp.quit(timeout=min(self.cfg.timeout, 5.0))
         except (aiosmtplib.SMTPException, OSError, TimeoutError):
             pass
         finally:
+            if channel is not None:
+                channel.link.close()
             smtp.close()
 
 

@@ -31,13 +31,31 @@ LAYERS: dict[str, int] = {
         0,
     ),  # the base
     **dict.fromkeys(
-        ["envelope", "spool", "message", "auth", "metrics", "wire", "oauth", "fleet", "gate"], 1
+        [
+            "envelope",
+            "spool",
+            "message",
+            "auth",
+            "metrics",
+            "wire",
+            "oauth",
+            "fleet",
+            "gate",
+            "link",
+        ],
+        1,
     ),
     **dict.fromkeys(
-        ["envelope", "spool", "message", "auth", "metrics", "wire", "oauth", "fleet", "gate"], 1
-    ),
-    **dict.fromkeys(
-        ["aiosmtpd_fence", "server", "aiosmtplib_fence", "upstream", "endpoint", "fences"], 2
+        [
+            "aiosmtpd_fence",
+            "server",
+            "aiosmtplib_fence",
+            "transaction",
+            "upstream",
+            "endpoint",
+            "fences",
+        ],
+        2,
     ),
     **dict.fromkeys(["outcome", "provider", "relay", "outbox"], 3),
     **dict.fromkeys(["supervisor", "worker"], 4),

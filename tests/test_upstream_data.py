@@ -8,7 +8,7 @@ import pytest
 from aiosmtplib.protocol import PERIOD_REGEX
 from conftest import eventually, make_config, running, submit
 
-from relayd.aiosmtplib_fence import crlf_clean, stuffed_chunks
+from relayd.link import crlf_clean, stuffed_chunks
 
 
 def random_message(rng: random.Random, lines: int) -> bytes:

@@ -6,11 +6,13 @@ import asyncio
 
 from relayd.spool import Envelope, Recipient, Spool
 from relayd.states import OutcomeStatus
-from relayd.upstream import Outcome
+from relayd.upstream import Outcome, Result, Submission
 
 
 class Outbox:
     """--dev deliverer: writes each message to <spool>/outbox/<id>.eml instead of sending it."""
+
+    pipelining = False
 
     def __init__(self, spool: Spool) -> None:
         self.spool = spool
@@ -30,6 +32,9 @@ class Outbox:
             Outcome(a, OutcomeStatus.DELIVERED, 250, f"written to {path}", "data", synthetic=True)
             for a in rcpt_to
         ]
+
+    async def send_many(self, subs: list[Submission]) -> list[Result]:
+        return [await self.send(s.mail_from, list(s.rcpt_to), s.data) for s in subs]
 
     async def close(self) -> None:
         return None

@@ -27,7 +27,7 @@ from relayd.provider import Provider
 from relayd.replies import Verdict
 from relayd.spool import Envelope, Spool
 from relayd.states import AttemptResult, OutcomeStatus, SpoolDir
-from relayd.upstream import Outcome
+from relayd.upstream import Outcome, Result, Submission
 from relayd.wire import DeliveryStatus
 
 log = structlog.get_logger()
@@ -35,6 +35,9 @@ log = structlog.get_logger()
 IDLE_CLOSE = 10.0  # seconds an idle upstream session is kept for the next message
 REFRESH = 2.0  # seconds between reads of the shared pacing state, for health and metrics
 BUSY_RETRY = 1.0  # seconds before a message whose session found no free connection tries again
+# Messages one session carries per flight (one write, one round trip with PIPELINING and
+# CHUNKING). Bounded because a connection lost mid-flight sends all of them again.
+FLIGHT = 16
 # The worker a session belongs to: the holder of that session's connection lease.
 HOLDER: contextvars.ContextVar[str] = contextvars.ContextVar("holder", default="")
 
@@ -46,8 +49,12 @@ class _NoConnection(Exception):
 class Deliverer(Protocol):
     sent: int
 
+    @property
+    def pipelining(self) -> bool: ...
+
     async def open(self) -> None: ...
     async def send(self, mail_from: str, rcpt_to: list[str], data: bytes) -> list[Outcome]: ...
+    async def send_many(self, subs: list[Submission]) -> list[Result]: ...
     async def close(self) -> None: ...
 
 
@@ -81,6 +88,9 @@ class Relay:
         self.provider = Provider(cfg, clock)
         self.rcpts: dict[str, int] = {}  # pending recipients, for quotas counted per recipient
         self.paced: set[str] = set()  # due messages told to wait, for the pacing-wait metric
+        # Held while a due message is admitted (gate, rate, daily): by the scheduler for a
+        # flight's first message, by a worker for the rest of its flight (_take).
+        self.admitting = asyncio.Lock()
 
     # -- index -----------------------------------------------------------------------------
 
@@ -203,25 +213,35 @@ class Relay:
     async def _dispatch(self, now: float) -> float | None:
         """Hand due messages to workers in due order, as far as the upstream's gate, pacing
         and free workers allow; returns seconds until the next may go (None: nothing due)."""
-        while self.heap and self.heap[0][0] <= now:
-            when, msg_id = self.heap[0]
-            if self.due.get(msg_id) != when or msg_id in self.inflight:
-                heapq.heappop(self.heap)  # stale: rescheduled, delivered or on its way
-                continue
+        while True:
             if self.provider.paced and len(self.inflight) >= self.workers:
                 return None  # a slot is taken only when a worker can use it; its end wakes us
-            wait = await self.provider.admit(self.rcpts.get(msg_id, 1))
-            if wait:
-                self.paced.add(msg_id)
+            msg_id, wait = await self._admit(now)
+            if msg_id is None:
                 return wait
-            # Not popped: during the await another entry may have become the heap's head.
-            # In flight, this one is stale now and dropped when it reaches the head.
-            if msg_id in self.paced:
-                self.paced.discard(msg_id)
-                metrics.PACING_WAIT.observe(max(0.0, now - when))
-            self.inflight.add(msg_id)
             self.work.put_nowait(msg_id)
-        return self.heap[0][0] - now if self.heap else None
+
+    async def _admit(self, now: float) -> tuple[str | None, float | None]:
+        """The due head of the queue, in flight now that the upstream's gate and pacing let it
+        go (its slot taken); else None and seconds until one may go (None: nothing due)."""
+        async with self.admitting:
+            while self.heap and self.heap[0][0] <= now:
+                when, msg_id = self.heap[0]
+                if self.due.get(msg_id) != when or msg_id in self.inflight:
+                    heapq.heappop(self.heap)  # stale: rescheduled, delivered or on its way
+                    continue
+                wait = await self.provider.admit(self.rcpts.get(msg_id, 1))
+                if wait:
+                    self.paced.add(msg_id)
+                    return None, wait
+                # Not popped: during the await another entry may have become the heap's head.
+                # In flight, this one is stale now and dropped when it reaches the head.
+                if msg_id in self.paced:
+                    self.paced.discard(msg_id)
+                    metrics.PACING_WAIT.observe(max(0.0, now - when))
+                self.inflight.add(msg_id)
+                return msg_id, None
+            return None, (self.heap[0][0] - now if self.heap else None)
 
     @property
     def workers(self) -> int:
@@ -250,17 +270,20 @@ class Relay:
                     session = None
                 if session is None:
                     generation = self.generation
+                ids = [msg_id]  # _attempt adds the rest of the flight in here
                 try:
-                    session = await self._attempt(msg_id, session)
+                    session = await self._attempt(ids, session)
                 except Exception:
-                    # A bug must not kill the worker or lose the message: it stays queued
-                    # as it was and is tried again after the initial delay.
-                    log.exception("delivery.crashed", msg_id=msg_id)
+                    # A bug must not kill the worker or lose the messages: they stay queued
+                    # as they were and are tried again after the initial delay.
+                    log.exception("delivery.crashed", msg_id=msg_id, flight=len(ids))
                     await _close(session)
                     session = None
-                    self._retry_later(msg_id)
+                    for i in ids:
+                        self._retry_later(i)
                 finally:
-                    self._done(msg_id)
+                    for i in ids:
+                        self._done(i)
                     if session is None:
                         await self.provider.release(HOLDER.get())
                     self.wake.set()  # a free worker: the scheduler may hand out the next
@@ -272,44 +295,118 @@ class Relay:
         await _close(session)
         await self.provider.release(HOLDER.get())
 
-    async def _attempt(self, msg_id: str, session: Deliverer | None) -> Deliverer | None:
-        try:
-            # One trip to a thread for envelope and body: each trip costs the loop a wake-up.
-            env, data = await asyncio.to_thread(self.spool.load_message, msg_id)
-        except SpoolError:
-            self.forget(msg_id)  # deleted (relayd queue delete) or moved meanwhile
+    async def _attempt(self, ids: list[str], session: Deliverer | None) -> Deliverer | None:
+        """One flight: a session (opened if needed), the rest of the flight as far as pacing
+        grants it now (_take), one send, then each message's result (_apply_flight)."""
+        if session is None:
+            try:
+                session = await self._open()
+            except _NoConnection:
+                for msg_id in ids:
+                    self._later(msg_id, self.clock() + BUSY_RETRY)
+                return None
+            except UpstreamError as err:
+                metrics.UPSTREAM_FAILURES.labels(step=err.step).inc()
+                await self._open_failed(ids, err)
+                return None
+        else:
+            await self.provider.lease(HOLDER.get())  # renews a shared lease before it expires
+        # Taken once the session is up, so what arrived while it connected joins the flight.
+        await self._take(ids, self._flight_size(session))
+        batch = await self._load(ids)
+        if not batch:
             return session
-        expired = outcome.expiry(env, self.clock(), self.cfg.retry)
-        if expired is not None:
-            await self._finish(expired)
-            return session
-        shut = self.provider.gate.shut()
-        if shut:  # paused after this message was handed out: it waits with the rest
-            self._later(msg_id, self.clock() + shut)
-            return session
-        bound = log.bind(msg_id=env.id, attempt=env.attempts + 1)
         started = time.monotonic()
-        try:
-            session, outcomes = await self._send(env, data, session)
-        except _NoConnection:
-            self._later(msg_id, self.clock() + BUSY_RETRY)
-            return None
-        except UpstreamError as err:
-            await _close(session)
-            metrics.UPSTREAM_FAILURES.labels(step=err.step).inc()
-            await self._upstream_failed(env, err, bound)
-            self.provider.settle(delivered=False)
-            return None
-        metrics.DELIVERY_SECONDS.observe(time.monotonic() - started)
-        if await self._held(env, outcomes, bound):
-            await _close(session)
-            return None
-        await self._apply(env, outcomes, bound)
-        self.provider.settle(delivered=any(o.status == OutcomeStatus.DELIVERED for o in outcomes))
-        if session.sent >= self.cfg.upstream.max_messages_per_session:
+        session, results = await self._send(batch, session)
+        broken = {id(r): r for r in results if isinstance(r, UpstreamError)}
+        for failure in broken.values():
+            metrics.UPSTREAM_FAILURES.labels(step=failure.step).inc()
+        if broken:
+            await _close(session)  # broken: closed first, so no retry waits on its QUIT
+        held = await self._apply_flight(batch, results, started)
+        if broken or held or session.sent >= self.cfg.upstream.max_messages_per_session:
             await _close(session)
             return None
         return session
+
+    def _flight_size(self, session: Deliverer) -> int:
+        """Messages the session's next flight may carry. Without PIPELINING a flight saves no
+        round trip, so one: what a crash can send twice stays one message per session."""
+        room = self.cfg.upstream.max_messages_per_session - session.sent
+        return max(1, min(FLIGHT if session.pipelining else 1, room))
+
+    async def _take(self, ids: list[str], size: int) -> None:
+        """Fill the flight in ids up to size, never waiting: first with what the scheduler
+        admitted already, then with due messages as far as the upstream's gate and pacing
+        (rate, daily) grant now. The rest stays queued in due order, no attempt counted."""
+        while len(ids) < size and not self.work.empty():
+            msg_id = self.work.get_nowait()
+            if not msg_id:
+                self.work.put_nowait(msg_id)  # the stop sentinel is for a worker to see
+                return
+            ids.append(msg_id)
+        while len(ids) < size and not self.stopping:
+            admitted, _ = await self._admit(self.clock())
+            if admitted is None:
+                return
+            ids.append(admitted)
+
+    async def _load(self, ids: list[str]) -> list[tuple[Envelope, bytes]]:
+        """Envelope and body of each id still queued; an expired message is failed instead,
+        and one the upstream was paused for meanwhile waits with the rest."""
+
+        def load() -> list[tuple[Envelope, bytes] | str]:
+            # One trip to a thread for the whole flight: each trip costs the loop a wake-up.
+            out: list[tuple[Envelope, bytes] | str] = []
+            for msg_id in ids:
+                try:
+                    out.append(self.spool.load_message(msg_id))
+                except SpoolError:
+                    out.append(msg_id)
+            return out
+
+        batch: list[tuple[Envelope, bytes]] = []
+        for item in await asyncio.to_thread(load):
+            if isinstance(item, str):
+                self.forget(item)  # deleted (relayd queue delete) or moved meanwhile
+            elif (expired := outcome.expiry(item[0], self.clock(), self.cfg.retry)) is not None:
+                await self._finish(expired)
+            elif shut := self.provider.gate.shut():
+                self._later(item[0].id, self.clock() + shut)
+            else:
+                batch.append(item)
+        return batch
+
+    async def _apply_flight(
+        self, batch: list[tuple[Envelope, bytes]], results: list[Result], started: float
+    ) -> bool:
+        """Each message's result in flight order, as for a message sent alone; True when a
+        reply about the upstream held one (the session is then closed)."""
+        held = False
+        for (env, _), result in zip(batch, results, strict=True):
+            bound = log.bind(msg_id=env.id, attempt=env.attempts + 1)
+            if isinstance(result, UpstreamError):
+                await self._upstream_failed(env, result, bound)
+                self.provider.settle(delivered=False)
+                continue
+            metrics.DELIVERY_SECONDS.observe(time.monotonic() - started)
+            if await self._held(env, result, bound):
+                held = True
+                continue
+            await self._apply(env, result, bound)
+            self.provider.settle(delivered=any(o.status == OutcomeStatus.DELIVERED for o in result))
+        return held
+
+    async def _open_failed(self, ids: list[str], err: UpstreamError) -> None:
+        """No session: each message of the flight is held or deferred by what err says."""
+        for msg_id in ids:
+            try:
+                env = await asyncio.to_thread(self.spool.load, msg_id)
+            except SpoolError:
+                self.forget(msg_id)
+                continue
+            await self._upstream_failed(env, err, log.bind(msg_id=msg_id, attempt=env.attempts + 1))
+            self.provider.settle(delivered=False)
 
     async def _upstream_failed(self, env: Envelope, err: UpstreamError, bound: Any) -> None:
         """A session error: a pause or throttle holds the message; anything else defers it."""
@@ -372,29 +469,42 @@ class Relay:
         if not self.stopping:
             self.enqueue(env)
 
-    async def _send(
-        self, env: Envelope, data: bytes, session: Deliverer | None
-    ) -> tuple[Deliverer, list[Outcome]]:
-        rcpts = [r.address for r in env.pending]
-        if session is not None:
-            await self.provider.lease(HOLDER.get())  # renews a shared lease before it expires
-            try:
-                return session, await session.send(env.mail_from, rcpts, data)
-            except UpstreamError as err:
-                # A reused session the provider closed while idle fails at RSET or MAIL
-                # before anything of this message was accepted: reconnect once, no deferral.
-                if err.step not in ("rset", "mail") or err.code is not None:
-                    raise
-                await _close(session)
+    async def _open(self) -> Deliverer:
+        """A fresh session, under a connection lease (max_connections, fleet-wide)."""
         if not await self.provider.lease(HOLDER.get()):
             raise _NoConnection
         fresh = self.connect()
         try:
             await fresh.open()
-            return fresh, await fresh.send(env.mail_from, rcpts, data)
         except BaseException:
             await _close(fresh)
             raise
+        return fresh
+
+    async def _send(
+        self, batch: list[tuple[Envelope, bytes]], session: Deliverer
+    ) -> tuple[Deliverer, list[Result]]:
+        subs = [
+            Submission(env.mail_from, tuple(r.address for r in env.pending), data)
+            for env, data in batch
+        ]
+        results = await session.send_many(subs)
+        first = results[0]
+        # A reused session the provider closed while idle fails at RSET or MAIL before
+        # anything of the flight was accepted: reconnect once, no deferral.
+        if not isinstance(first, UpstreamError) or first.step not in ("rset", "mail"):
+            return session, results
+        if first.code is not None or not session.sent:
+            return session, results  # the server's own refusal, or a fresh session: no retry
+        await _close(session)
+        try:
+            fresh = await self._open()
+        except UpstreamError as err:
+            return session, [err for _ in subs]
+        except _NoConnection:
+            busy = UpstreamError("no free connection", step="connect", temporary=True)
+            return session, [busy for _ in subs]
+        return fresh, await fresh.send_many(subs)
 
     def _done(self, msg_id: str) -> None:
         """The attempt on msg_id is over; if it was rescheduled meanwhile, it is due again.

@@ -146,12 +146,15 @@ def tally(fs: FaultServer, s: Summary, in_flight_ids: set[str]) -> None:
     s.unexplained = sorted(i for i, c in counts.items() if c > 1 and i not in in_flight_ids)
 
 
-async def campaign(runs: int, burst: int, clients: int, workdir: Path) -> Summary:
+async def campaign(
+    runs: int, burst: int, clients: int, workdir: Path, pipelining: bool = False
+) -> Summary:
     """Run the whole campaign in workdir and return its tally."""
     started = time.monotonic()
     pki = make_pki(workdir, "127.0.0.1", "localhost")
     s = Summary()
     async with FaultServer(pki) as fs:
+        fs.pipelining = pipelining  # relayd then sends flights of several messages per write
         fs.slow_delay = 0.01  # every upstream reply 10 ms late: the queue never quite empties
         fs.fail("slow")
         # Info, not the suite's debug: thousands of messages per run.
@@ -172,11 +175,14 @@ def main() -> int:
     parser.add_argument("--burst", type=int, default=1000, help="messages offered per run")
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument(
+        "--pipelining", action="store_true", help="the upstream offers PIPELINING (flights)"
+    )
     args = parser.parse_args()
     seed = args.seed if args.seed is not None else random.randrange(1 << 30)
     random.seed(seed)
     with tempfile.TemporaryDirectory(prefix="relayd-crash-") as tmp:
-        s = asyncio.run(campaign(args.runs, args.burst, args.clients, Path(tmp)))
+        s = asyncio.run(campaign(args.runs, args.burst, args.clients, Path(tmp), args.pipelining))
     print(f"seed                {seed}")
     print("\n".join(s.lines()))
     return 0 if s.ok else 1

@@ -74,6 +74,7 @@ class FaultServer:
         self.unknown_ca_ctx = _server_ctx(trustme.CA().issue_cert("127.0.0.1", "localhost"))
         self.user, self.password = user, password
         self.auth_mechanisms = "PLAIN LOGIN"
+        self.pipelining = False  # offer PIPELINING: commands are answered in order anyway
         self.slow_delay = 0.0
         self.faults: dict[str, int | None] = {}
         self.fired: dict[str, int] = {}
@@ -212,6 +213,7 @@ class FaultServer:
             await _reply(w, txn, "421 4.3.2 fault: busy")
             return False
         exts = ["fault.test", "SIZE 104857600", "8BITMIME", f"AUTH {self.auth_mechanisms}"]
+        exts[1:1] = ["PIPELINING"] if self.pipelining else []
         await _reply(w, txn, "\r\n".join(f"250-{e}" for e in exts[:-1]) + f"\r\n250 {exts[-1]}")
         return True
 

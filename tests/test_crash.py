@@ -29,3 +29,14 @@ async def test_kill_9_under_load_loses_nothing_acknowledged(tmp_path):
     assert s.lost == [], s.lines()
     assert s.unexplained == [], s.lines()
     assert s.duplicates <= sum(s.in_flight), s.lines()
+
+
+async def test_kill_9_during_pipelined_flights_loses_nothing_acknowledged(tmp_path):
+    """The same with an upstream that offers PIPELINING, so kills land mid-flight: 0 lost."""
+    crash = load_campaign()
+    random.seed(2)
+    s = await crash.campaign(runs=3, burst=50, clients=4, workdir=tmp_path, pipelining=True)
+    assert s.runs == 3 and len(s.acknowledged) > 0
+    assert s.lost == [], s.lines()
+    assert s.unexplained == [], s.lines()
+    assert s.duplicates <= sum(s.in_flight), s.lines()

@@ -3,6 +3,7 @@
     python bench/run.py                          # 2000 x 1 KiB, 10 concurrent app sessions
     python bench/run.py -n 500 --size 102400     # bigger messages
     python bench/run.py -n 200 -c 1 --delay-ms 100   # time to 250 while the upstream is slow
+    python bench/run.py -n 1000 --one-way-ms 25      # a far provider: 50 ms round trips
     python bench/run.py -n 1 -c 1 --size 26214400    # one 25 MiB message: memory growth
     python bench/run.py --queued 100000 -n 2000  # start-up, queue list and accept with a backlog
     python bench/run.py --upstream-down          # ... and the same accept with an empty queue
@@ -73,10 +74,13 @@ def make_certs(tmp: Path) -> tuple[Path, Path, Path]:
 class Sink:
     """bench/sink.py in its own process; stats() asks it for its counters."""
 
-    def __init__(self, cert: Path, key: Path, delay_ms: float, arrivals: str = "") -> None:
+    def __init__(
+        self, cert: Path, key: Path, delay_ms: float, arrivals: str = "", chunking: bool = True
+    ) -> None:
         cmd = [sys.executable, str(HERE / "sink.py"), "--cert", str(cert), "--key", str(key)]
         if arrivals:
             cmd += ["--arrivals", arrivals]
+        cmd += [] if chunking else ["--no-chunking"]
         self.proc = subprocess.Popen(
             [*cmd, "--delay-ms", str(delay_ms)],
             stdin=subprocess.PIPE,
@@ -91,6 +95,24 @@ class Sink:
         self.proc.stdin.write("\n")
         self.proc.stdin.flush()
         return dict(json.loads(self.proc.stdout.readline()))
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+class DelayProxy:
+    """bench/delayproxy.py in its own process: every byte one_way_ms late, each direction."""
+
+    def __init__(self, target_port: int, one_way_ms: float) -> None:
+        args = ["--target", f"127.0.0.1:{target_port}", "--one-way-ms", str(one_way_ms)]
+        self.proc = subprocess.Popen(
+            [sys.executable, str(HERE / "delayproxy.py"), *args],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.proc.stdout is not None
+        self.port = int(self.proc.stdout.readline().strip().split("=")[1])
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -249,13 +271,17 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="relayd-bench-") as tmp_name:
         tmp = Path(tmp_name)
         ca_file, cert, key = make_certs(tmp)
-        sink = Sink(cert, key, opts.delay_ms)
+        sink = Sink(cert, key, opts.delay_ms, chunking=not opts.no_chunking)
+        proxy = DelayProxy(sink.port, opts.one_way_ms) if opts.one_way_ms else None
         extra = {"RELAYD_UPSTREAM_MAX_CONNECTIONS": str(opts.max_connections)}
         down = bool(opts.queued or opts.upstream_down)
         if down:
             extra["RELAYD_UPSTREAM_PORT"] = "1"  # the upstream is down while the backlog sits
-        relayd = Relayd(tmp, sink.port, ca_file, {k: v for k, v in extra.items() if v != "0"})
+        upstream_port = proxy.port if proxy else sink.port
+        relayd = Relayd(tmp, upstream_port, ca_file, {k: v for k, v in extra.items() if v != "0"})
         result: dict[str, Any] = {"n": opts.n, "concurrency": opts.concurrency, "size": opts.size}
+        if proxy:
+            result["one_way_ms"] = opts.one_way_ms
         try:
             if opts.queued:
                 prefill(relayd.spool, opts.queued, 1024)
@@ -302,6 +328,8 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
             )
         finally:
             relayd.stop()
+            if proxy:
+                proxy.stop()
             sink.stop()
         return result
 
@@ -312,6 +340,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-c", "--concurrency", type=int, default=10, help="app sessions (10)")
     ap.add_argument("--size", type=int, default=1024, help="body bytes (1024)")
     ap.add_argument("--delay-ms", type=float, default=0.0, help="sink delay per reply")
+    ap.add_argument(
+        "--one-way-ms",
+        type=float,
+        default=0.0,
+        help="put a TCP proxy between relayd and the sink that delays every byte this long",
+    )
+    ap.add_argument("--no-chunking", action="store_true", help="the sink hides CHUNKING (BDAT)")
     ap.add_argument(
         "--max-connections",
         type=int,

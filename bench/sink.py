@@ -2,13 +2,14 @@
 
 Run by bench/run.py as a subprocess so it does not share an interpreter with the load:
 
-    python bench/sink.py --cert CERT --key KEY [--delay-ms 0] [--arrivals FILE]
+    python bench/sink.py --cert CERT --key KEY [--delay-ms 0] [--arrivals FILE] [--no-chunking]
 
 It prints ``port=N`` once listening, then answers every line on stdin with one JSON line of
 counters (messages, bytes, logins, sessions, peak concurrent sessions). It reads DATA by
 searching the buffer for the terminating dot, not line by line, so it stays far cheaper than
 the relay under test. With --arrivals it appends the wall-clock time of each accepted message
-to FILE, one per line (bench/pacing.py checks the pacing on it).
+to FILE, one per line (bench/pacing.py checks the pacing on it). It offers PIPELINING and
+CHUNKING (BDAT, RFC 3030), as Gmail and Microsoft 365 do; ``--no-chunking`` hides CHUNKING.
 """
 
 from __future__ import annotations
@@ -31,7 +32,9 @@ async def reply(writer: asyncio.StreamWriter, text: bytes, delay: float) -> None
     writer.write(text + b"\r\n")
 
 
-async def session(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay: float) -> None:
+async def session(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay: float, chunking: bool
+) -> None:
     STATS["sessions"] += 1
     STATS["active"] += 1
     STATS["peak_active"] = max(STATS["peak_active"], STATS["active"])
@@ -41,9 +44,12 @@ async def session(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, de
         while line := await reader.readline():
             verb = line[:4].upper()
             if verb in (b"EHLO", b"HELO"):
+                chunk = b"250-CHUNKING\r\n" if chunking else b""
                 await reply(
                     writer,
-                    b"250-sink.bench\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 AUTH PLAIN",
+                    b"250-sink.bench\r\n250-PIPELINING\r\n250-8BITMIME\r\n"
+                    + chunk
+                    + b"250 AUTH PLAIN",
                     delay,
                 )
             elif verb == b"AUTH":
@@ -65,6 +71,16 @@ async def session(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, de
                     fh.write(f"{time.time():.6f}\n")
                     fh.flush()
                 await reply(writer, b"250 2.0.0 queued", delay)
+            elif verb == b"BDAT" and chunking:
+                size, *last = line[5:].split()
+                body = await reader.readexactly(int(size))
+                if last:
+                    STATS["messages"] += 1
+                    for fh in ARRIVALS:
+                        fh.write(f"{time.time():.6f}\n")
+                        fh.flush()
+                STATS["bytes"] += len(body)
+                await reply(writer, b"250 2.0.0 queued" if last else b"250 2.0.0 chunk ok", delay)
             elif verb == b"QUIT":
                 await reply(writer, b"221 bye", delay)
                 break
@@ -84,6 +100,7 @@ async def main() -> None:
     ap.add_argument("--key", required=True)
     ap.add_argument("--delay-ms", type=float, default=0.0)
     ap.add_argument("--arrivals", default="", help="append each message's arrival time here")
+    ap.add_argument("--no-chunking", action="store_true", help="do not offer CHUNKING (BDAT)")
     opts = ap.parse_args()
     if opts.arrivals:
         ARRIVALS.append(open(opts.arrivals, "a", encoding="ascii"))  # noqa: ASYNC230, SIM115 - once, before serving
@@ -91,7 +108,11 @@ async def main() -> None:
     ctx.load_cert_chain(opts.cert, opts.key)
     delay = opts.delay_ms / 1000.0
     server = await asyncio.start_server(
-        lambda r, w: session(r, w, delay), "127.0.0.1", 0, ssl=ctx, limit=64 * 1024 * 1024
+        lambda r, w: session(r, w, delay, not opts.no_chunking),
+        "127.0.0.1",
+        0,
+        ssl=ctx,
+        limit=64 * 1024 * 1024,
     )
     print(f"port={server.sockets[0].getsockname()[1]}", flush=True)
     loop = asyncio.get_running_loop()

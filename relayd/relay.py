@@ -382,19 +382,22 @@ class Relay:
     ) -> bool:
         """Each message's result in flight order, as for a message sent alone; True when a
         reply about the upstream held one (the session is then closed)."""
-        held = False
+        held = delivered = False
         for (env, _), result in zip(batch, results, strict=True):
             bound = log.bind(msg_id=env.id, attempt=env.attempts + 1)
             if isinstance(result, UpstreamError):
                 await self._upstream_failed(env, result, bound)
-                self.provider.settle(delivered=False)
                 continue
             metrics.DELIVERY_SECONDS.observe(time.monotonic() - started)
             if await self._held(env, result, bound):
                 held = True
                 continue
             await self._apply(env, result, bound)
-            self.provider.settle(delivered=any(o.status == OutcomeStatus.DELIVERED for o in result))
+            delivered |= any(o.status == OutcomeStatus.DELIVERED for o in result)
+        # Once per flight, and not after a hold: a message delivered in the same flight
+        # must not reopen the gate a pause (or reauth) in it has just closed.
+        if not held:
+            self.provider.settle(delivered=delivered)
         return held
 
     async def _open_failed(self, ids: list[str], err: UpstreamError) -> None:

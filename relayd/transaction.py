@@ -30,6 +30,7 @@ DELIVERED, TEMPORARY, PERMANENT = (
 # the flight left open (503), or the server refused its BDAT and DATA may do.
 RETRY, FALLBACK = "retry", "fallback"
 TRIES = 3  # rounds one message may take within one call
+_BUILTIN = replies.table()
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,7 +266,7 @@ class Channel:
             if r.code not in (250, 251)
         ]
         accepted = [a for a, r in zip(addresses, rcpts, strict=True) if r.code in (250, 251)]
-        if accepted and step == "bdat" and 500 <= final.code < 600:
+        if accepted and step == "bdat" and 500 <= final.code < 600 and not _quota(final):
             return FALLBACK  # RFC 3030 gives no reason; DATA may work where BDAT does not
         self.sent += 1
         if not accepted:
@@ -344,6 +345,12 @@ def _groups(items: list[tuple[Submission, bool]]) -> list[list[tuple[Submission,
         if not item[1]:
             groups.append([])
     return [g for g in groups if g]
+
+
+def _quota(reply: Reply) -> bool:
+    """A reply about the upstream (quota, rate, login) by the built-in rules: DATA would get
+    the same, so the message keeps this reply and relayd.provider holds it."""
+    return replies.classify(reply.code, "", reply.text, _BUILTIN).upstream
 
 
 def _encode(address: str) -> bytes:

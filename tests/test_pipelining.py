@@ -14,6 +14,7 @@ from pipeserver import PipeServer
 from relayd.config import Config
 from relayd.errors import UpstreamError
 from relayd.spool import Spool
+from relayd.states import SpoolDir
 from relayd.upstream import Session, Submission
 
 
@@ -250,3 +251,32 @@ async def queued(tmp_path: Path, srv: PipeServer, pki: Pki, n: int, **env: str) 
     for msg_id in {name.split(".json")[0] for name in queue_files(down) if ".json" in name}:
         spool.retry(msg_id, time.time(), down.retry.max_age)
     return make_config(tmp_path, srv.port, pki.ca_file, upstream_max_connections="1", **env)
+
+
+async def test_a_flight_carries_only_what_pacing_grants_now(tmp_path, pki, upstream):
+    """Six due messages, burst 3 at 1/minute, one connection: one flight of three; the other
+    three stay queued without an attempt, waiting for the rate."""
+    cfg = await queued(tmp_path, upstream, pki, 6, upstream_rate="1/minute", upstream_burst="3")
+    before = {e.id: e.attempts for e in Spool(cfg.spool.path).scan(SpoolDir.QUEUE)}
+    async with running(cfg) as d:
+        await eventually(lambda: len(upstream.messages) == 3, what="the burst delivered")
+        await eventually(lambda: "rate" in d.relay.provider.waiting, what="the rest waiting")
+    assert [r.count(b"MAIL FROM:") for r in upstream.with_mail()] == [3]
+    left = list(Spool(cfg.spool.path).scan(SpoolDir.QUEUE))
+    assert len(left) == 3 and all(e.attempts == before[e.id] for e in left)
+
+
+async def test_a_quota_reply_in_a_flight_holds_only_its_message(tmp_path, pki, upstream):
+    """Gmail's daily limit answers the first BDAT of a flight of three: that message is held
+    (queued, no attempt, not re-sent by DATA), the two answered 250 are delivered once, the
+    upstream is paused and nothing is in failed/."""
+    upstream.bdat_replies = ["550 5.4.5 Daily user sending limit exceeded."]
+    cfg = await queued(tmp_path, upstream, pki, 3)
+    before = {e.id: e.attempts for e in Spool(cfg.spool.path).scan(SpoolDir.QUEUE)}
+    async with running(cfg) as d:
+        await eventually(lambda: d.relay.provider.gate.state == "paused", what="the pause")
+        await eventually(lambda: d.relay.depth == 1, what="the two others delivered")
+    assert len(upstream.messages) == 2 and upstream.commands.count("DATA") == 0
+    (held,) = Spool(cfg.spool.path).scan(SpoolDir.QUEUE)
+    assert held.attempts == before[held.id] and held.last_error["action"] == "pause"
+    assert not list(Spool(cfg.spool.path).scan(SpoolDir.FAILED))

@@ -15,7 +15,7 @@ import json
 import os
 import signal
 import time
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +41,10 @@ log = structlog.get_logger()
 STOP_DEADLINE = 10.0  # seconds for in-flight sessions and deliveries after SIGTERM
 HOUSEKEEPING = 2.0  # seconds between gauge/status refreshes (shorter with a faster watchdog)
 LOOP_STALL = 10.0  # /healthz fails when the event loop has not ticked for this long
+# With no delivery process ready for this many relay.hang_timeouts (5 min by default) the
+# WATCHDOG=1 pings stop, so systemd restarts the whole daemon: a fresh start is worth a try
+# once restarting the delivery process alone kept failing. Health is red long before that.
+RESTART_AFTER_HANG_TIMEOUTS = 10
 
 
 @dataclass
@@ -67,6 +71,8 @@ class Daemon:
         self.heartbeat = time.monotonic()
         self.failed_count = 0
         self.chores = Chores()
+        # Signals that came before the daemon was ready, acted on once it is.
+        self._early: dict[int, Callable[[], Awaitable[None]]] = {}
 
     def _connect(self) -> Deliverer:
         if self.dev:
@@ -74,6 +80,10 @@ class Daemon:
         return Session(self.relay.cfg.upstream, self.relay.cfg.ehlo_name)
 
     async def run(self) -> int:
+        # Before the pid is published in relayd.lock: the queue commands and sendmail signal
+        # that pid, and a SIGUSR2 without a handler would end a daemon still scanning its queue.
+        if self.signals:
+            self._install_signals()
         for note in await fences.check():  # before the spool or a socket is touched
             log.warning("library.fallback_used", detail=note)
         self.spool.create()
@@ -83,12 +93,12 @@ class Daemon:
         listener = await self._listen()
         host, port = self.address
         self._start_metrics()
-        if self.signals:
-            self._install_signals()
         self._warn_insecure()
         self._log_started(depth)
         self.ready = True
         self.started.set()
+        for action in self._early.values():
+            _spawn(action())
         self.notifier.send("READY=1", f"STATUS=listening on {host}:{port}, {depth} queued")
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self.relay.run(self.stop, STOP_DEADLINE))
@@ -166,8 +176,11 @@ class Daemon:
         host, port = config_mod.parse_hostport("metrics.listen", self.cfg.metrics.listen)
         loop = asyncio.get_running_loop()
 
-        def alive() -> bool:
-            return time.monotonic() - self.heartbeat < LOOP_STALL
+        def alive() -> str:
+            stalled = time.monotonic() - self.heartbeat
+            if stalled >= LOOP_STALL:
+                return f"event loop stalled for {stalled:.0f}s"
+            return self.delivery_problem()
 
         def refresh() -> None:
             # Called on the HTTP thread: the relay's state is read on the loop, not here.
@@ -186,19 +199,30 @@ class Daemon:
         log.info("metrics.started", host=self.endpoint.address[0], port=self.endpoint.address[1])
 
     def _install_signals(self) -> None:
+        """SIGTERM/SIGINT stop (at once, or as soon as started); the others act once ready."""
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self.stop.set)
         loop.add_signal_handler(signal.SIGINT, self.stop.set)
-        loop.add_signal_handler(signal.SIGHUP, lambda: _spawn(self.reload()))
-        loop.add_signal_handler(signal.SIGUSR1, self._flush)
-        loop.add_signal_handler(signal.SIGUSR2, lambda: _spawn(self.rescan()))
+        actions: dict[int, Callable[[], Awaitable[None]]] = {
+            signal.SIGHUP: self.reload,
+            signal.SIGUSR1: self._flush,
+            signal.SIGUSR2: self.rescan,
+        }
+        for sig, action in actions.items():
+            loop.add_signal_handler(sig, self._on_signal, sig, action)
+
+    def _on_signal(self, sig: int, action: Callable[[], Awaitable[None]]) -> None:
+        if self.started.is_set():
+            _spawn(action())
+        else:
+            self._early[sig] = action  # twice while starting is once, as signals coalesce
 
     def _remove_signals(self) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
             loop.remove_signal_handler(sig)
 
-    def _flush(self) -> None:
+    async def _flush(self) -> None:
         self.relay.flush()
         log.info("queue.flushed", queued=self.relay.depth)
 
@@ -238,6 +262,22 @@ class Daemon:
         logs.setup(new.log.format, new.log.level)
         self.notifier.send("READY=1", "STATUS=config reloaded")
 
+    def delivery_problem(self) -> str:
+        """Why mail is not being delivered (no delivery process ready for a while), or ''."""
+        return self.relay.problem() if isinstance(self.relay, DeliveryProcess) else ""
+
+    def _watchdog_due(self) -> bool:
+        """WATCHDOG=1 while the loop turns, unless deliveries have been down too long."""
+        if not self.notifier.watchdog_interval:
+            return False
+        if not isinstance(self.relay, DeliveryProcess):
+            return True
+        limit = RESTART_AFTER_HANG_TIMEOUTS * self.cfg.relay.hang_timeout
+        if self.relay.down_for() < limit:
+            return True
+        log.error("watchdog.withheld", detail=f"{self.delivery_problem()}; systemd restarts relayd")
+        return False
+
     async def _housekeeping(self) -> None:
         """Watchdog ping, gauges, STATUS= and status.json; proves the event loop is alive.
 
@@ -247,12 +287,16 @@ class Daemon:
         interval = min(self.notifier.watchdog_interval or HOUSEKEEPING, HOUSEKEEPING)
         while not self.stop.is_set():
             self.heartbeat = time.monotonic()
-            if self.notifier.watchdog_interval:
+            if self._watchdog_due():
                 ok = self.notifier.send("WATCHDOG=1")
                 self.chores.report("watchdog", "" if ok else self.notifier.error)
             await self.chores.run("gauges", self._update_gauges())
             snap = self.relay.snapshot()
-            self.notifier.send(f"STATUS={snap.queued} queued, {snap.in_flight} in flight")
+            problem = self.delivery_problem()
+            self.notifier.send(
+                f"STATUS={snap.queued} queued, {snap.in_flight} in flight"
+                + (f"; {problem}" if problem else "")
+            )
             await self.chores.run("status", asyncio.to_thread(self._write_status, self._status()))
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(interval):
@@ -276,6 +320,7 @@ class Daemon:
             ready=self.ready,
             failed=self.failed_count,
             delivery=self.relay.snapshot(),
+            delivery_down=self.delivery_problem(),
         )
 
     def _write_status(self, status: wire.DaemonStatus) -> None:

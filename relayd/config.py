@@ -133,6 +133,9 @@ class RelayConfig:
     # A delivery process that sends the listener no report for this long (it reports twice a
     # second) is stuck: it is killed and a new one started.
     hang_timeout: float = 30.0
+    # Seconds between safety rescans of queue/ by the delivery loop: a message the index missed
+    # (a lost notification, a file written behind the daemon's back) waits at most this long.
+    rescan_interval: float = 300.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -463,6 +466,8 @@ def validate(cfg: Config, serve: bool = True) -> None:
         "uvloop is not installed (pip install 'relayd[uvloop]')",
     )
     _check(cfg.log.level in LOG_LEVELS, "log.level", "|".join(LOG_LEVELS))
+    _check(cfg.relay.hang_timeout > 0, "relay.hang_timeout", "must be > 0")
+    _check(cfg.relay.rescan_interval > 0, "relay.rescan_interval", "must be > 0")
 
 
 def _validate_listen(ls: ListenConfig) -> None:

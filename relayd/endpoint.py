@@ -45,8 +45,9 @@ class _Server6(_Server):
 class Endpoint:
     """A small threaded HTTP server for /metrics, /healthz and /readyz.
 
-    /healthz answers 200 while the daemon's event loop is alive (alive()), /readyz while it
-    accepts mail (ready()); /metrics calls refresh() first so the gauges are current.
+    /healthz answers 200 while the daemon is alive (alive() returns "", else the reason, which
+    a 503 carries: a stuck event loop, no delivery process ready), /readyz while it accepts
+    mail (ready()); /metrics calls refresh() first so the gauges are current.
     """
 
     def __init__(
@@ -54,7 +55,7 @@ class Endpoint:
         host: str,
         port: int,
         ready: Callable[[], bool],
-        alive: Callable[[], bool],
+        alive: Callable[[], str],
         refresh: Callable[[], None],
     ) -> None:
         endpoint = self
@@ -89,10 +90,13 @@ class Endpoint:
         if path == "/metrics":
             self.refresh()
             body, ctype, status = generate_latest(REGISTRY), CONTENT_TYPE_LATEST, 200
-        elif path in ("/healthz", "/readyz"):
-            ok = self.alive() if path == "/healthz" else self.ready()
-            word = "ok" if path == "/healthz" else "ready"
-            body = f"{word}\n".encode() if ok else f"not {word}\n".encode()
+        elif path == "/healthz":
+            problem = self.alive()
+            body = f"not ok: {problem}\n".encode() if problem else b"ok\n"
+            ctype, status = "text/plain; charset=utf-8", 503 if problem else 200
+        elif path == "/readyz":
+            ok = self.ready()
+            body = b"ready\n" if ok else b"not ready\n"
             ctype, status = "text/plain; charset=utf-8", 200 if ok else 503
         else:
             body, ctype, status = b"not found\n", "text/plain; charset=utf-8", 404

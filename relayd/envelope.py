@@ -105,7 +105,10 @@ class Envelope:
 
 
 def dumps(env: Envelope) -> bytes:
-    return json.dumps(env.to_json(), indent=1, ensure_ascii=False).encode() + b"\n"
+    # An address kept with surrogateescape (invalid UTF-8 from a client) has lone surrogates,
+    # which UTF-8 cannot encode: they are written as the JSON escape \udcXX, which reads back.
+    text = json.dumps(env.to_json(), indent=1, ensure_ascii=False)
+    return text.encode(errors="backslashreplace") + b"\n"
 
 
 def header_line(env: Envelope) -> bytes:

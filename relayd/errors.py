@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno as _errno
+
 
 class RelaydError(Exception):
     """Base of every error relayd raises on purpose."""
@@ -21,7 +23,20 @@ class LibraryError(RelaydError):
 
 
 class SpoolError(RelaydError):
-    """The spool could not be read or written."""
+    """The spool could not be read or written; ``errno`` says why when the OS said so.
+
+    ENOENT means the message is not (or no longer) there, e.g. an operator deleted it; any
+    other errno means the spool refused the operation (read-only, full, not ours).
+    """
+
+    def __init__(self, message: str, errno: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno
+
+    @property
+    def errno_name(self) -> str:
+        """The symbolic errno (EROFS, ENOSPC, ...), or "" when there is none."""
+        return _errno.errorcode.get(self.errno, "") if self.errno else ""
 
 
 class UpstreamError(RelaydError):

@@ -19,6 +19,10 @@ from relayd.envelope import HISTORY_LIMIT, Envelope, Recipient, iso
 from relayd.states import AttemptResult, OutcomeStatus, RcptState
 from relayd.upstream import Outcome
 
+# Characters of a provider reply kept in logs, the spool and status reports: a reply can be
+# 32 KiB, and 20 history entries of that would be 640 KiB per envelope.
+REPLY_TEXT_LIMIT = 1000
+
 _RCPT_STATE = {
     OutcomeStatus.DELIVERED: RcptState.DELIVERED,
     OutcomeStatus.PERMANENT: RcptState.REFUSED,
@@ -136,7 +140,8 @@ def _updated(r: Recipient, o: Outcome | None) -> Recipient:
 
 def refusal_reason(env: Envelope) -> str:
     refused = [r for r in env.rcpt_to if r.state == RcptState.REFUSED]
-    return "; ".join(f"{r.address}: {r.code} {r.reply}" for r in refused)
+    # relayd's own refusals carry no reply code: no "None" in the reason.
+    return "; ".join(f"{r.address}: {r.code or ''} {r.reply}".replace(":  ", ": ") for r in refused)
 
 
 def expired_reason(env: Envelope, retry: RetryConfig) -> str:
@@ -145,6 +150,16 @@ def expired_reason(env: Envelope, retry: RetryConfig) -> str:
         f"expired after {env.attempts} attempts over {retry.max_age:.0f}s; "
         f"last error: {last.get('code') or ''} {last.get('text') or 'none'}"
     ).strip()
+
+
+def clip(text: str) -> str:
+    """A provider's words as relayd keeps them: at most REPLY_TEXT_LIMIT characters."""
+    return text if len(text) <= REPLY_TEXT_LIMIT else text[: REPLY_TEXT_LIMIT - 1] + "…"
+
+
+def clipped(o: Outcome) -> Outcome:
+    """o with its reply text clipped (the same object when it is short enough)."""
+    return o if len(o.text) <= REPLY_TEXT_LIMIT else dataclasses.replace(o, text=clip(o.text))
 
 
 def reply_class(code: int | None) -> str:

@@ -4,6 +4,8 @@ At least once: a message leaves the spool only after the upstream answered 250 t
 (or failed permanently); a crash before that leaves it queued, to be sent again after restart.
 The daemon is the only sender and keeps the ids it is delivering in memory, so no id is ever in
 two sessions at once, whatever the CLI does to the files meanwhile.
+Recording each outcome is the ledger's (relayd.ledger): if the spool refuses it, the message
+is held in memory and never sent again by this process.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from relayd import metrics, outcome
 from relayd.config import Config
 from relayd.envelope import HISTORY_LIMIT, iso
 from relayd.errors import SpoolError, UpstreamError
+from relayd.ledger import Ledger
 from relayd.provider import Provider
 from relayd.replies import Verdict
 from relayd.spool import Envelope, Spool
@@ -82,6 +85,9 @@ class Relay:
         self.consecutive_failures = 0
         self.last_error: dict[str, Any] | None = None
         self.last_delivery_at: float | None = None
+        self.ledger = Ledger(lambda: self.cfg.retry, clock, self.inflight, self.forget)
+        self._crashes: dict[str, int] = {}  # bugs outside an attempt, per id: for the backoff
+        self._scanning: set[str] | None = None  # ids added while load() reads the spool
         # Bumped by retire_sessions(): a worker's session opened before the bump is closed
         # before its next message, so that message goes out under the reloaded upstream config.
         self.generation = 0
@@ -99,6 +105,8 @@ class Relay:
         self.add(env.id, env.next_attempt_at, env.created_at, len(env.pending))
 
     def add(self, msg_id: str, due: float, created: float, rcpts: int = 1) -> None:
+        if self._scanning is not None:
+            self._scanning.add(msg_id)
         self.due[msg_id] = due
         self.created[msg_id] = created
         self.rcpts[msg_id] = rcpts
@@ -119,6 +127,7 @@ class Relay:
             last_error=self.last_error,
             last_delivery_at=self.last_delivery_at,
             upstream=self.provider.snapshot(),
+            spool_error=self.ledger.spool_error,
         )
 
     def reconfigure(self, cfg: Config) -> None:
@@ -136,17 +145,23 @@ class Relay:
     async def load(self) -> int:
         """Rebuild the index from queue/ (start-up and after CLI edits); returns the depth."""
         # Only what the index needs is kept per envelope: docs/benchmarks.md#start-up-scan
-        rows = await asyncio.to_thread(
-            lambda: [
-                (e.next_attempt_at, e.id, e.created_at, len(e.pending))
-                for e in self.spool.scan(SpoolDir.QUEUE, repair=True)
-            ]
-        )
-        self.due = {i: t for i, t in self.due.items() if i in self.inflight}
-        self.created = {i: t for i, t in self.created.items() if i in self.inflight}
-        self.heap = []
+        self._scanning = set()
+        try:
+            rows = await asyncio.to_thread(
+                lambda: [
+                    (e.next_attempt_at, e.id, e.created_at, len(e.pending))
+                    for e in self.spool.scan(SpoolDir.QUEUE, repair=True)
+                ]
+            )
+            # Kept: what is in flight, and what was queued after the listing was taken.
+            keep = self.inflight | self._scanning
+        finally:
+            self._scanning = None
+        self.due = {i: t for i, t in self.due.items() if i in keep}
+        self.created = {i: t for i, t in self.created.items() if i in keep}
+        self.heap = [(t, i) for i, t in self.due.items() if i not in self.inflight]
         for when, msg_id, created, rcpts in rows:
-            if msg_id not in self.inflight:
+            if msg_id not in keep:
                 self.due[msg_id] = when
                 self.created[msg_id] = created
                 self.rcpts[msg_id] = rcpts
@@ -181,10 +196,12 @@ class Relay:
         workers = [asyncio.create_task(self._worker(n)) for n in range(self.workers)]
         scheduler = asyncio.create_task(self._schedule())
         refresher = asyncio.create_task(self._refresh())
+        rescans = asyncio.create_task(self._rescan_every(self.cfg.relay.rescan_interval))
         await stop.wait()
         self.stopping = True
         scheduler.cancel()
         refresher.cancel()
+        rescans.cancel()
         while not self.work.empty():
             self.inflight.discard(self.work.get_nowait())
         for _ in workers:
@@ -192,13 +209,23 @@ class Relay:
         _, pending = await asyncio.wait(workers, timeout=drain_timeout)
         for task in pending:
             task.cancel()
-        await asyncio.gather(scheduler, refresher, *workers, return_exceptions=True)
+        await asyncio.gather(scheduler, refresher, rescans, *workers, return_exceptions=True)
+        await self.ledger.close()
         await self.provider.close()
 
     async def _refresh(self) -> None:
         while True:  # shared (Redis) pacing state for health, every few seconds
             await self.provider.refresh()
             await asyncio.sleep(REFRESH)
+
+    async def _rescan_every(self, interval: float) -> None:
+        """A safety net: whatever the index missed is found within one interval."""
+        while True:  # a periodic timer, not a wait for a condition
+            await asyncio.sleep(interval)
+            try:
+                await self.load()
+            except SpoolError as exc:
+                log.error("queue.rescan_failed", error=str(exc))
 
     async def _schedule(self) -> None:
         while True:
@@ -275,7 +302,7 @@ class Relay:
                     session = await self._attempt(ids, session)
                 except Exception:
                     # A bug must not kill the worker or lose the messages: they stay queued
-                    # as they were and are tried again after the initial delay.
+                    # as they were and are tried again, backing off.
                     log.exception("delivery.crashed", msg_id=msg_id, flight=len(ids))
                     await _close(session)
                     session = None
@@ -317,7 +344,14 @@ class Relay:
         if not batch:
             return session
         started = time.monotonic()
-        session, results = await self._send(batch, session)
+        try:
+            session, results = await self._send(batch, session)
+        except Exception as exc:  # not the upstream's answer: each message records an attempt
+            await _close(session)
+            for env, _ in batch:
+                await self._crashed(env, exc, log.bind(msg_id=env.id, attempt=env.attempts + 1))
+            self.provider.settle(delivered=False)
+            return None
         broken = {id(r): r for r in results if isinstance(r, UpstreamError)}
         for failure in broken.values():
             metrics.UPSTREAM_FAILURES.labels(step=failure.step).inc()
@@ -370,7 +404,7 @@ class Relay:
             if isinstance(item, str):
                 self.forget(item)  # deleted (relayd queue delete) or moved meanwhile
             elif (expired := outcome.expiry(item[0], self.clock(), self.cfg.retry)) is not None:
-                await self._finish(expired)
+                await self._record(expired, log.bind(msg_id=expired.env.id))
             elif shut := self.provider.gate.shut():
                 self._later(item[0].id, self.clock() + shut)
             else:
@@ -389,6 +423,7 @@ class Relay:
                 await self._upstream_failed(env, result, bound)
                 continue
             metrics.DELIVERY_SECONDS.observe(time.monotonic() - started)
+            result = [outcome.clipped(o) for o in result]
             if await self._held(env, result, bound):
                 held = True
                 continue
@@ -514,8 +549,11 @@ class Relay:
 
         A message deferred at connect is rescheduled while the others waiting are deferred
         too: if its retry came due before that ended, the scheduler skipped its heap entry
-        as "in flight", and nothing would have sent it until the next rescan.
+        as "in flight", and nothing would have sent it until the next rescan. A message the
+        ledger holds stays in flight until its outcome is recorded.
         """
+        if msg_id in self.ledger.held:
+            return
         self.inflight.discard(msg_id)
         when = self.due.get(msg_id)
         if when is not None and not self.stopping:
@@ -523,7 +561,10 @@ class Relay:
             self.wake.set()
 
     def _retry_later(self, msg_id: str) -> None:
-        self._later(msg_id, self.clock() + self.cfg.retry.initial_delay)
+        """After a bug outside any attempt: try again, backing off (nothing to record it in)."""
+        self._crashes[msg_id] = crashes = self._crashes.get(msg_id, 0) + 1
+        rt = self.cfg.retry
+        self._later(msg_id, self.clock() + outcome.backoff(crashes, rt.initial_delay, rt.max_delay))
 
     def _later(self, msg_id: str, when: float) -> None:
         """Due again at when, in the index only: no attempt counted, nothing written."""
@@ -544,8 +585,19 @@ class Relay:
             finally:
                 self._done(msg_id)
 
+    async def _crashed(self, env: Envelope, exc: Exception, bound: Any) -> None:
+        """An exception that is not the upstream's answer (a bad address the client library
+        refuses, a bug): a deferred attempt like any other, with the exception as its reason.
+        """
+        text = outcome.clip(f"{type(exc).__name__}: {exc}")
+        bound.error("delivery.crashed", error=text, exc_info=exc)
+        outcomes = [
+            Outcome(r.address, OutcomeStatus.TEMPORARY, None, text, "internal") for r in env.pending
+        ]
+        await self._apply(env, outcomes, bound)
+
     async def _defer(self, env: Envelope, err: UpstreamError, bound: Any) -> None:
-        text = err.text or str(err)
+        text = outcome.clip(err.text or str(err))
         error = {"step": err.step, "code": err.code, "text": text}
         outcomes = [
             Outcome(r.address, OutcomeStatus.TEMPORARY, err.code, text, err.step, synthetic=True)
@@ -554,23 +606,22 @@ class Relay:
         self.consecutive_failures += 1
         self.last_error = {**error, "at": self.clock(), **({"hint": err.hint} if err.hint else {})}
         if err.step == "auth":
-            bound.error("upstream.auth_failed", code=err.code, text=err.text, hint=err.hint)
+            bound.error("upstream.auth_failed", code=err.code, text=text, hint=err.hint)
         await self._apply(env, outcomes, bound, hint=err.hint)
 
     async def _apply(
         self, env: Envelope, outcomes: list[Outcome], bound: Any, hint: str = ""
     ) -> None:
-        now = self.clock()
-        decision = outcome.decide(env, outcomes, now, self.cfg.retry)
-        self._count(decision, now, bound)
-        if decision.kind == AttemptResult.SENT:
-            # Gone from the spool: no history entry to write (the common case, kept short).
-            await asyncio.to_thread(self.spool.remove, env.id, SpoolDir.QUEUE, False)
-            self.forget(env.id)
-        elif decision.kind == AttemptResult.DEFERRED:
-            await self._reschedule(decision, bound, hint)
-        else:
-            await self._finish(decision)
+        decided: list[outcome.Decision] = []
+
+        async def write() -> None:  # run again by the ledger until it succeeds
+            if not decided:
+                now = self.clock()
+                decided.append(outcome.decide(env, outcomes, now, self.cfg.retry))
+                self._count(decided[0], now, bound)
+            await self._carry_out(decided[0], bound, hint)
+
+        await self.ledger.record(env.id, write, bound)
 
     def _count(self, decision: outcome.Decision, now: float, bound: Any) -> None:
         """The metrics, logs and failure run of an attempt's recipients."""
@@ -585,13 +636,26 @@ class Relay:
             metrics.FAILED.labels(reply_class=outcome.reply_class(o.code)).inc()
             bound.warning("delivery.refused", rcpt=o.address, code=o.code, text=o.text, step=o.step)
 
+    async def _record(self, decision: outcome.Decision, bound: Any) -> None:
+        async def write() -> None:
+            await self._carry_out(decision, bound, "")
+
+        await self.ledger.record(decision.env.id, write, bound)
+
+    async def _carry_out(self, decision: outcome.Decision, bound: Any, hint: str) -> None:
+        env = decision.env
+        if decision.kind == AttemptResult.SENT:
+            # Gone from the spool: no history entry to write (the common case, kept short).
+            await asyncio.to_thread(self.spool.remove, env.id, SpoolDir.QUEUE, False)
+            self.forget(env.id)
+        elif decision.kind == AttemptResult.DEFERRED:
+            await self._reschedule(decision, bound, hint)
+        else:
+            await self._finish(decision)
+
     async def _reschedule(self, decision: outcome.Decision, bound: Any, hint: str) -> None:
         env = decision.env
-        try:
-            await asyncio.to_thread(self.spool.save, env)
-        except SpoolError:
-            self.forget(env.id)  # deleted by an operator during the attempt
-            return
+        await asyncio.to_thread(self.spool.save, env)
         metrics.DEFERRED.inc()
         bound.info(
             "delivery.deferred",
@@ -604,11 +668,7 @@ class Relay:
 
     async def _finish(self, decision: outcome.Decision) -> None:
         env = decision.env
-        try:
-            await asyncio.to_thread(self.spool.move, env, SpoolDir.FAILED)
-        except SpoolError:
-            self.forget(env.id)  # deleted by an operator during the attempt
-            return
+        await asyncio.to_thread(self.spool.move, env, SpoolDir.FAILED)
         self.forget(env.id)
         if decision.kind == AttemptResult.EXPIRED:
             metrics.FAILED.labels(reply_class="expired").inc()

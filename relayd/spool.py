@@ -23,15 +23,17 @@ import contextlib
 import dataclasses
 import errno
 import fcntl
+import functools
 import json
 import os
 import random
 import secrets
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import ParamSpec, TypeVar
 
 import structlog
 
@@ -64,6 +66,39 @@ __all__ = [
 log = structlog.get_logger()
 
 _HEAD_CHUNK = 64 * 1024
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _translated(what: str) -> Callable[[Callable[_P, _R]], Callable[_P, _R]]:
+    """Every OSError of a spool operation becomes a SpoolError that keeps the errno.
+
+    One error type for every caller (the relay, the listener, the CLI), and the errno stays
+    available, so a read-only spool (EROFS), a full disk (ENOSPC) and a file that is not
+    ours (EACCES, EPERM) can each be told apart without parsing a message.
+    """
+
+    def wrap(func: Callable[_P, _R]) -> Callable[_P, _R]:
+        @functools.wraps(func)
+        def translated(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+            try:
+                return func(*args, **kwargs)
+            except OSError as exc:
+                raise _spool_error(what, exc) from exc
+
+        return translated
+
+    return wrap
+
+
+def _spool_error(what: str, exc: OSError) -> SpoolError:
+    why = exc.strerror or os.strerror(exc.errno or errno.EIO)
+    where = f" {exc.filename}" if exc.filename else ""
+    return SpoolError(f"{what}{where}: {why}", errno=exc.errno or errno.EIO)
+
+
+def _missing(msg_id: str) -> SpoolError:
+    return SpoolError(f"no such message: {msg_id}", errno=errno.ENOENT)
 
 
 class Spool:
@@ -93,7 +128,11 @@ class Spool:
             for sub in (SpoolDir.QUEUE, SpoolDir.FAILED, SpoolDir.TMP, SpoolDir.CORRUPT):
                 (self.root / sub).mkdir(mode=0o700, exist_ok=True)
         except OSError as exc:
-            raise SpoolError(f"cannot create spool {self.root}: {exc.strerror}") from None
+            raise _spool_error(f"cannot create spool {self.root}", exc) from None
+        self._check_dirs()
+
+    @_translated("cannot inspect the spool")
+    def _check_dirs(self) -> None:
         for d in (
             self.root,
             *(self.root / s for s in (SpoolDir.QUEUE, SpoolDir.FAILED, SpoolDir.TMP)),
@@ -104,6 +143,7 @@ class Spool:
             if d.stat().st_uid != os.geteuid():
                 log.warning("spool.wrong_owner", path=str(d), uid=d.stat().st_uid)
 
+    @_translated("cannot take the spool lock")
     def lock(self) -> None:
         """Take the spool's daemon lock (one serving relayd per spool) or raise SpoolError."""
         fd = os.open(self.root / "relayd.lock", os.O_RDWR | os.O_CREAT, 0o600)
@@ -112,8 +152,12 @@ class Spool:
         except BlockingIOError:
             os.close(fd)
             raise SpoolError(f"another relayd is serving {self.root}") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        except OSError:
+            os.close(fd)
+            raise
         self._lock_fd = fd
 
     def unlock(self) -> None:
@@ -155,7 +199,10 @@ class Spool:
             finally:
                 self._held.depth -= 1
             return
-        fd = os.open(self.root / "edit.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fd = os.open(self.root / "edit.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise _spool_error("cannot take the edit lock", exc) from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
             self._held.depth = 1
@@ -255,22 +302,28 @@ class Spool:
         except OSError as exc:
             with contextlib.suppress(OSError):
                 (tmp or self.path(SpoolDir.QUEUE, env.id, "eml")).unlink()
-            raise SpoolError(
-                f"cannot write message: {os.strerror(exc.errno or errno.EIO)}"
-            ) from exc
+            why = os.strerror(exc.errno or errno.EIO)
+            raise SpoolError(f"cannot write message: {why}", errno=exc.errno or errno.EIO) from exc
         return env
 
+    @_translated("cannot save the envelope")
     def save(self, env: Envelope) -> None:
-        """Durably replace the envelope of a queued message (SpoolError if it was deleted)."""
+        """Durably replace the envelope of a queued message (SpoolError ENOENT if deleted)."""
         tmp = self._write_tmp(_dumps(env))
-        with self.editing():
-            if not self.path(env.state, env.id, "eml").exists():
+        placed = False
+        try:
+            with self.editing():
+                if not self.path(env.state, env.id, "eml").exists():
+                    raise _missing(env.id)
+                self._place(tmp, self.path(env.state, env.id, "json"))
+                placed = True
+        finally:
+            if not placed:
                 with contextlib.suppress(OSError):
                     tmp.unlink()
-                raise SpoolError(f"no such message: {env.id}")
-            self._place(tmp, self.path(env.state, env.id, "json"))
         self._sync_dir(env.state)
 
+    @_translated("cannot remove the message")
     def remove(self, msg_id: str, state: str = SpoolDir.QUEUE, durable: bool = True) -> bool:
         """Delete a message (the .eml first: without it a leftover .json is no message).
 
@@ -289,6 +342,7 @@ class Spool:
             self._sync_dir(state)
         return found
 
+    @_translated("cannot move the message")
     def move(self, env: Envelope, to: str) -> Envelope:
         """Move a message between queue/ and failed/ with its updated envelope.
 
@@ -300,9 +354,15 @@ class Spool:
         tmp = self._write_tmp(_dumps(moved))
         with self.editing():
             if not self.path(env.state, env.id, "eml").exists():
-                tmp.unlink()  # deleted by an operator meanwhile: nothing left to move
-                raise SpoolError(f"no such message: {env.id}")
-            self._place(tmp, self.path(to, env.id, "json"))
+                with contextlib.suppress(OSError):
+                    tmp.unlink()  # deleted by an operator meanwhile: nothing left to move
+                raise _missing(env.id)
+            try:
+                self._place(tmp, self.path(to, env.id, "json"))
+            except OSError:
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+                raise
             os.rename(self.path(env.state, env.id, "eml"), self.path(to, env.id, "eml"))
             self._renamed_into(to)
             self._sync_dir(to)
@@ -312,6 +372,7 @@ class Spool:
             self._sync_dir(env.state)
         return moved
 
+    @_translated("cannot retry the message")
     def retry(self, msg_id: str, now: float, max_age: float) -> Envelope:
         """Make a queued or failed message due now, durably; failed ones move back to queue/.
 
@@ -333,6 +394,7 @@ class Spool:
             )
             return self.move(env, SpoolDir.QUEUE)
 
+    @_translated("cannot delete the message")
     def delete(self, msg_id: str) -> Envelope:
         """Remove a queued or failed message for good (SpoolError if there is none)."""
         with self.editing(exclusive=True):
@@ -369,7 +431,9 @@ class Spool:
                 doc = json.loads(fh.read())
         except FileNotFoundError:
             return None
-        except (OSError, ValueError) as exc:
+        except OSError as exc:
+            raise _spool_error(f"cannot read envelope {msg_id}", exc) from None
+        except ValueError as exc:
             raise SpoolError(f"unreadable envelope {msg_id}: {exc}") from None
         if not isinstance(doc, dict):
             raise SpoolError(f"malformed envelope {msg_id}")
@@ -395,16 +459,16 @@ class Spool:
                 fh.seek(start)
                 return env, fh.read()  # one allocation of the message's size, no copy
         except FileNotFoundError:
-            raise SpoolError(f"no such message: {msg_id}") from None
+            raise _missing(msg_id) from None
         except OSError as exc:
-            raise SpoolError(f"cannot read message {msg_id}: {exc.strerror}") from None
+            raise _spool_error(f"cannot read message {msg_id}", exc) from None
 
     def find(self, msg_id: str) -> Envelope:
         """Load a message from queue/ or failed/."""
         for state in (SpoolDir.QUEUE, SpoolDir.FAILED):
             if self.path(state, msg_id, "eml").exists():
                 return self.load(msg_id, state)
-        raise SpoolError(f"no such message: {msg_id}")
+        raise _missing(msg_id)
 
     def read(self, env: Envelope) -> bytes:
         """The message as it is sent upstream (without relayd's envelope line)."""
@@ -434,7 +498,7 @@ class Spool:
         try:
             names = os.listdir(directory)
         except OSError as exc:
-            raise SpoolError(f"cannot list {directory}: {exc.strerror}") from None
+            raise _spool_error("cannot list", exc) from None
         # Two flat sets, not a set per message: docs/benchmarks.md#start-up-scan
         jsons: set[str] = set()
         emls: set[str] = set()
@@ -462,16 +526,32 @@ class Spool:
                     else self._read_eml(prefix + stem + ".eml", stem, state, body=False)[0]
                 )
             except SpoolError as exc:
-                if repair:
-                    if has_json:
-                        self._quarantine(self.path(state, stem, "json"), str(exc))
-                    why = "envelope corrupt" if has_json else str(exc)
-                    self._quarantine(self.path(state, stem, "eml"), why)
+                self._unloadable(state, stem, has_json, exc, repair)
                 continue
             if env is not None:
                 yield env
             elif repair:
                 self._quarantine(self.path(state, stem, "eml"), "message without envelope")
+
+    def _unloadable(
+        self, state: str, stem: str, has_json: bool, exc: SpoolError, repair: bool
+    ) -> None:
+        """A message whose envelope cannot be read: damage goes to corrupt/ (with repair);
+        a permission problem is not damage: say how to fix it, leave the files in place."""
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            path = self.path(state, stem, "eml")
+            log.error(
+                "spool.unreadable",
+                msg_id=stem,
+                error=str(exc),
+                fix=f"chown {os.geteuid()}:{os.getegid()} {path.with_suffix('.*')} (the user "
+                "relayd runs as); the next rescan picks it up",
+            )
+        elif repair:
+            if has_json:
+                self._quarantine(self.path(state, stem, "json"), str(exc))
+            why = "envelope corrupt" if has_json else str(exc)
+            self._quarantine(self.path(state, stem, "eml"), why)
 
     def _check_owner_and_mode(self, state: str, stem: str, has_json: bool) -> None:
         """Report files another user owns and tighten modes wider than 0600 (mail is private)."""
@@ -508,17 +588,19 @@ class Spool:
             return
         log.warning("spool.quarantined", path=str(path), moved_to=str(target), reason=reason)
 
+    @_translated("cannot sweep tmp/")
     def sweep_tmp(self) -> int:
         """Remove partial writes left by a crash; returns how many."""
         count = 0
         for entry in os.scandir(self.root / SpoolDir.TMP):
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(entry.path)
                 count += 1
         if count:
             log.info("spool.tmp_swept", files=count)
         return count
 
+    @_translated("cannot write to the outbox")
     def deliver_to_outbox(self, env: Envelope, data: bytes) -> Path:
         """--dev delivery: write the message as <spool>/outbox/<id>.eml."""
         (self.root / SpoolDir.OUTBOX).mkdir(mode=0o700, exist_ok=True)
@@ -530,5 +612,4 @@ class Spool:
 
 
 def is_enospc(exc: BaseException) -> bool:
-    cause = exc.__cause__ if isinstance(exc, SpoolError) else exc
-    return isinstance(cause, OSError) and cause.errno == errno.ENOSPC
+    return isinstance(exc, SpoolError | OSError) and exc.errno == errno.ENOSPC

@@ -2,7 +2,8 @@
 
 Pipe: one JSON object per line. Listener -> delivery process (its stdin): first Start, then
 any of Queued, Flush, Rescan, Reconfigure; end of input means stop. Delivery process ->
-listener (its stdout): Alive until Ready, then Report, each every few seconds. status.json is
+listener (its stdout): Alive until Ready, then Report, each every few seconds; Failed as its
+last line when it cannot run. status.json is
 DaemonStatus, written by app.Daemon and read by `relayd health`. The JSON of each record is
 exactly what went over the pipe or into the file before these classes existed.
 """
@@ -37,6 +38,8 @@ class DeliveryStatus:
     # The upstream's state (relayd.provider.Provider.snapshot): ok|paused|throttled|reauth,
     # paused_until, reason, why a due message waits, today's count, the rate in force.
     upstream: dict[str, Any] | None = None
+    # The spool refuses to record an outcome: {"errno", "text", "since", "held"}, else None.
+    spool_error: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -47,6 +50,7 @@ class DeliveryStatus:
             "last_error": self.last_error,
             "last_delivery_at": self.last_delivery_at,
             "upstream": self.upstream,
+            "spool_error": self.spool_error,
         }
 
     @classmethod
@@ -56,9 +60,10 @@ class DeliveryStatus:
             in_flight=int(doc.get("in_flight") or 0),
             oldest_age=float(doc.get("oldest_age") or 0.0),
             consecutive_failures=int(doc.get("consecutive_failures") or 0),
-            last_error=doc.get("last_error") if isinstance(doc.get("last_error"), dict) else None,
+            last_error=_dict_or_none(doc.get("last_error")),
             last_delivery_at=_float_or_none(doc.get("last_delivery_at")),
             upstream=doc.get("upstream") if isinstance(doc.get("upstream"), dict) else None,
+            spool_error=_dict_or_none(doc.get("spool_error")),
         )
 
 
@@ -71,10 +76,14 @@ class DaemonStatus:
     ready: bool
     failed: int
     delivery: DeliveryStatus = field(default_factory=DeliveryStatus)
+    # Why no delivery process has been ready for relay.hang_timeout; "" while one is.
+    delivery_down: str = ""
 
     def to_json(self) -> dict[str, Any]:
-        doc = {"pid": self.pid, "updated_at": self.updated_at, "ready": self.ready}
+        doc: dict[str, Any] = {"pid": self.pid, "updated_at": self.updated_at, "ready": self.ready}
         doc["failed"] = self.failed
+        if self.delivery_down:
+            doc["delivery_down"] = self.delivery_down
         rest = self.delivery.to_json()
         del rest["in_flight"]
         return {**doc, **rest}
@@ -89,11 +98,16 @@ class DaemonStatus:
             ready=bool(doc.get("ready")),
             failed=int(doc.get("failed") or 0),
             delivery=DeliveryStatus.from_json(doc),
+            delivery_down=str(doc.get("delivery_down") or ""),
         )
 
 
 def _float_or_none(value: Any) -> float | None:
     return float(value) if value else None
+
+
+def _dict_or_none(value: Any) -> dict[str, Any] | None:
+    return value if isinstance(value, dict) else None
 
 
 # -- listener -> delivery process ---------------------------------------------------------------
@@ -203,8 +217,23 @@ class Report:
         return {"status": self.status.to_json(), "metrics": list(self.metrics)}
 
 
-def report_from_json(doc: dict[str, Any]) -> Alive | Ready | Report | None:
-    """What a line from the delivery process says; None for one this version does not know."""
+@dataclass(frozen=True, slots=True)
+class Failed:
+    """The delivery process cannot run (its last line before it exits non-zero): why."""
+
+    reason: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"failed": self.reason}
+
+
+def report_from_json(doc: dict[str, Any]) -> Alive | Ready | Report | Failed | None:
+    """What a line from the delivery process says; None for one this version does not know.
+
+    Raises TypeError/ValueError for a line whose fields have the wrong types.
+    """
+    if "failed" in doc:
+        return Failed(str(doc["failed"]))
     if "ready" in doc:
         return Ready(int(doc["ready"]))
     if "status" in doc:

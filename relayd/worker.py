@@ -30,7 +30,7 @@ REPORT = 0.5  # seconds between status/metrics reports to the listener
 DRAIN_TIMEOUT = 10.0  # seconds in-flight deliveries get once the listener says stop
 
 
-def _emit(record: wire.Alive | wire.Ready | wire.Report) -> None:
+def _emit(record: wire.Alive | wire.Ready | wire.Report | wire.Failed) -> None:
     with contextlib.suppress(OSError):  # the listener is gone; end of stdin stops us next
         os.write(1, wire.encode(record))
 
@@ -96,7 +96,10 @@ async def _main() -> int:
     loop = asyncio.get_running_loop()
     stdin = asyncio.StreamReader(limit=1 << 24)
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stdin), sys.stdin)
-    start = wire.Start.from_json(json.loads(await stdin.readline()))
+    first = await stdin.readline()
+    if not first:
+        return 0  # the listener went away before it said anything
+    start = wire.Start.from_json(json.loads(first))
     cfg, dev = start.config, start.dev
     # Waiting for relay.lock and scanning a large queue take a while: say we are alive meanwhile,
     # or the listener's watchdog (relay.hang_timeout) would take us for stuck.
@@ -131,7 +134,15 @@ async def _main() -> int:
 def main() -> int:
     # Ctrl-C in a terminal reaches the whole process group: the listener decides when to stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    return eventloop.run(_main(), sys.argv[1] if len(sys.argv) > 1 else "asyncio")
+    try:
+        return eventloop.run(_main(), sys.argv[1] if len(sys.argv) > 1 else "asyncio")
+    except Exception as exc:
+        # One line in the log and the reason to the listener, which reports it in health.
+        reason = f"{type(exc).__name__}: {exc}"
+        log.error("worker.failed", error=reason)
+        log.debug("worker.failed_traceback", exc_info=exc)
+        _emit(wire.Failed(reason))
+        return 1
 
 
 if __name__ == "__main__":

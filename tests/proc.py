@@ -25,13 +25,15 @@ class ServeProcess:
         args: list[str] | None = None,
         preexec: Callable[[], None] | None = None,
         prefix: list[str] | None = None,
+        python: str = sys.executable,
     ) -> None:
         self.env = {**os.environ, **env, "RELAYD_LOG_FORMAT": "json"}
         self.args = args or []
         # Run in the child before exec (e.g. resource limits); a command the daemon is run
-        # under (e.g. unshare), which must exec it in the same process.
+        # under (e.g. unshare or setpriv), which must exec it in the same process.
         self.preexec = preexec
         self.prefix = prefix or []
+        self.python = python  # another user may not reach this venv's interpreter
         self.proc: asyncio.subprocess.Process | None = None
         self.lines: list[dict[str, Any]] = []
         self.raw: list[str] = []
@@ -43,7 +45,7 @@ class ServeProcess:
         self._started = asyncio.Event()
         self.proc = await asyncio.create_subprocess_exec(
             *self.prefix,
-            sys.executable,
+            self.python,
             "-m",
             "relayd",
             "serve",
@@ -53,6 +55,7 @@ class ServeProcess:
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,
             preexec_fn=self.preexec,
+            limit=1 << 24,  # a log line can carry a long provider reply
         )
         STARTED.append(self.proc)
         self._reader = asyncio.create_task(self._read(self.proc))
@@ -149,3 +152,28 @@ def serve_env(spool: Path, upstream_port: int, ca_file: Path, **extra: str) -> d
     }
     env.update({f"RELAYD_{k.upper()}": v for k, v in extra.items()})
     return env
+
+
+async def run_cli(
+    env: dict[str, str],
+    *args: str,
+    prefix: list[str] | None = None,
+    python: str = sys.executable,
+    stdin: bytes = b"",
+) -> tuple[int, str, str]:
+    """Run `relayd ARGS` to completion; returns (exit code, stdout, stderr)."""
+    proc = await asyncio.create_subprocess_exec(
+        *(prefix or []),
+        python,
+        "-m",
+        "relayd",
+        *args,
+        env={**os.environ, **env},
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(stdin), 60)
+    CAPTURED.extend([out.decode(errors="replace"), err.decode(errors="replace")])
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(errors="replace"), err.decode(errors="replace")

@@ -57,7 +57,7 @@ LAYERS: dict[str, int] = {
         ],
         2,
     ),
-    **dict.fromkeys(["outcome", "provider", "relay", "outbox"], 3),
+    **dict.fromkeys(["outcome", "provider", "ledger", "relay", "outbox"], 3),
     **dict.fromkeys(["supervisor", "worker"], 4),
     "app": 5,
     "cli": 6,  # relayd.cli and every relayd.cli.<module>

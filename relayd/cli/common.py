@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import pwd
 import signal
 import sys
 from pathlib import Path
@@ -51,14 +52,64 @@ def load_config(args: argparse.Namespace, dev: bool = False, serve: bool = False
     return cfg
 
 
-def open_spool(cfg: Config) -> Spool:
-    """The configured spool, which must exist (the daemon creates it at its first start)."""
+def open_spool(cfg: Config, write: bool = False) -> Spool:
+    """The configured spool, which must exist (the daemon creates it at its first start).
+
+    write: the command will change it, so it runs as the spool's owner from here on (see
+    become_owner): files it writes must be ones the daemon can read.
+    """
     spool = Spool(cfg.spool.path)
-    if not (spool.root / SpoolDir.QUEUE).is_dir():
+    if write:
+        become_owner(spool)
+    try:
+        exists = (spool.root / SpoolDir.QUEUE).is_dir()
+    except PermissionError:
+        raise SpoolError(f"cannot read {spool.root}: {_run_as(spool.root)}") from None
+    if not exists:
         raise SpoolError(f"no spool at {spool.root} (has `relayd serve` ever run with it?)")
     if not os.access(spool.root / SpoolDir.QUEUE, os.R_OK | os.X_OK):
-        raise SpoolError(f"cannot read {spool.root}: run as the user relayd runs as")
+        raise SpoolError(f"cannot read {spool.root}: {_run_as(spool.root)}")
     return spool
+
+
+def become_owner(spool: Spool) -> None:
+    """Run as the user owning the spool, before writing to it; or refuse, naming the owner.
+
+    A root-run writer (`sudo relayd queue retry`, the sendmail maildrop) would leave root-owned
+    0600 files the daemon cannot read. Root drops to the owner (groups, gid, uid: for good); a
+    different user is refused. A spool that does not exist yet is left to the caller.
+    """
+    try:
+        st = os.stat(spool.root)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise SpoolError(f"cannot use {spool.root}: {exc.strerror}") from None
+    if os.geteuid() == st.st_uid:
+        return
+    if os.geteuid() != 0:
+        raise SpoolError(f"cannot change {spool.root}: {_run_as(spool.root)}")
+    try:
+        entry = pwd.getpwuid(st.st_uid)
+        os.initgroups(entry.pw_name, entry.pw_gid)
+        os.setgid(entry.pw_gid)
+    except KeyError:  # a uid without a name (a container's volume): its files' group
+        os.setgroups([])
+        os.setgid(st.st_gid)
+    os.setuid(st.st_uid)
+
+
+def _run_as(root: os.PathLike[str]) -> str:
+    """'it belongs to NAME (uid N): run as that user or as root'."""
+    try:
+        uid = os.stat(root).st_uid
+    except OSError:
+        return "run as the user relayd runs as"
+    try:
+        name = f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        name = f"uid {uid}"
+    return f"it belongs to {name}: run as that user (or as root)"
 
 
 def signal_daemon(spool: Spool, sig: signal.Signals = signal.SIGUSR2) -> int | None:

@@ -2,8 +2,11 @@
 
 Prints one line and exits 0 (healthy) or 1. The daemon proves it is up by holding the spool
 lock, and that its loop turns by rewriting <spool>/status.json every few seconds; this command
-proves the spool takes writes by creating and removing a file in tmp/. Upstream trouble (a
-run of failed attempts, an old queue) is reported, and fails the check only with --strict:
+proves the spool takes writes by creating and removing a file in tmp/ (and that queue/ and
+failed/ are not on a read-only mount). The daemon's own report turns it red too: a spool
+that refused to record an outcome, or no delivery process ready for relay.hang_timeout.
+Upstream trouble (a run of failed attempts, an old queue) is reported, and fails the check
+only with --strict:
 a provider outage is what the spool is for, so by default it must not get relayd restarted.
 """
 
@@ -79,11 +82,16 @@ def check(
     if pid is None:
         return False, f"down: no relayd holds the lock of {root}"
     status, problem = _read_status(root, pid)
-    if status is None:
-        return False, f"unhealthy: pid {pid} {problem}"
-    probe = _probe_write(root)
+    # Before the status's own problems: a read-only spool also keeps status.json from being
+    # rewritten, and "not writable" is the cause where "stuck" would only be the symptom.
+    probe = _probe_write(root) or _read_only(root)
     if probe:
         return False, f"unhealthy: spool {root} not writable: {probe}"
+    if status is None:
+        return False, f"unhealthy: pid {pid} {problem}"
+    trouble_line = _daemon_trouble(root, status)
+    if trouble_line:
+        return False, f"unhealthy: pid {pid} {trouble_line}"
     failures = status.delivery.consecutive_failures
     oldest = status.delivery.oldest_age
     trouble = failures >= max_failures or oldest > max_age
@@ -148,6 +156,28 @@ def _probe_write(root: Path) -> str:
             path.unlink()
         return exc.strerror or str(exc)
     return ""
+
+
+def _read_only(root: Path) -> str:
+    """'' unless queue/ or failed/ is on a read-only mount (root can still write tmp/)."""
+    for sub in (SpoolDir.QUEUE, SpoolDir.FAILED):
+        with contextlib.suppress(OSError):
+            if os.statvfs(root / sub).f_flag & os.ST_RDONLY:
+                return f"{root / sub} is on a read-only mount"
+    return ""
+
+
+def _daemon_trouble(root: Path, status: DaemonStatus) -> str:
+    """What the daemon itself reports as broken, in words; '' when nothing is."""
+    error = status.delivery.spool_error
+    if error:
+        since = float(error.get("since") or time.time())
+        held = int(error.get("held") or 0)
+        return (
+            f"cannot record outcomes: spool {root} not writable: {error.get('text')} "
+            f"(for {time.time() - since:.0f}s; {held} message(s) held in memory, not resent)"
+        )
+    return status.delivery_down
 
 
 def _summary(status: DaemonStatus, failures: int, oldest: float) -> str:

@@ -302,7 +302,7 @@ def _retry(spool: Spool, ids: list[str], max_age: float) -> tuple[int, list[str]
 
 def cmd_retry(args: argparse.Namespace) -> int:
     cfg = load_config(args)
-    spool = open_spool(cfg)
+    spool = open_spool(cfg, write=True)
     ids = _targets(spool, args.ids, args.all, (SpoolDir.QUEUE, SpoolDir.FAILED))
     done, missing = _retry(spool, ids, cfg.retry.max_age)
     return _report(spool, "retried", done, [] if args.all else missing)
@@ -310,13 +310,13 @@ def cmd_retry(args: argparse.Namespace) -> int:
 
 def cmd_flush(args: argparse.Namespace) -> int:
     cfg = load_config(args)
-    spool = open_spool(cfg)
+    spool = open_spool(cfg, write=True)
     done, _ = _retry(spool, _targets(spool, [], True, (SpoolDir.QUEUE,)), cfg.retry.max_age)
     return _report(spool, "retried", done, [])
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
-    spool = open_spool(load_config(args))
+    spool = open_spool(load_config(args), write=True)
     bulk = args.all or args.failed
     if bulk and args.ids:
         raise RelaydError("give ids or --failed/--all, not both")

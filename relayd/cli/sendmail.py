@@ -21,7 +21,7 @@ from email.parser import BytesHeaderParser
 from typing import Any, NoReturn
 
 from relayd import logs
-from relayd.cli.common import load_config, signal_daemon, warn
+from relayd.cli.common import become_owner, load_config, signal_daemon, warn
 from relayd.config import Config
 from relayd.errors import ConfigError, RelaydError, SpoolError
 from relayd.message import missing_headers, unsendable
@@ -223,12 +223,12 @@ def maildrop(
     msg_id, now = spool.new_id(), time.time()
     head = missing_headers(data, msg_id, cfg.listen.hostname, now)
     try:
+        become_owner(spool)  # root writes as the spool's owner, or the daemon cannot read it
         spool.create()
         env = spool.put(sender, rcpts, data, now, msg_id, head)
     except SpoolError as exc:
         raise SpoolError(
-            f"relayd is not accepting mail ({why}) and the spool is not writable: {exc} "
-            "(run as the user relayd runs as)"
+            f"relayd is not accepting mail ({why}) and the spool is not writable: {exc}"
         ) from None
     try:
         pid = signal_daemon(spool)

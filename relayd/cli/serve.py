@@ -6,9 +6,11 @@ import argparse
 import os
 from typing import Any
 
+import structlog
+
 from relayd import logs
 from relayd.cli.common import DEV_SPOOL, load_config
-from relayd.errors import ConfigError
+from relayd.errors import ConfigError, RelaydError
 
 
 def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -31,4 +33,12 @@ def run(args: argparse.Namespace) -> int:
             "required (or run `relayd serve --dev` to try relayd without a provider)",
         )
     logs.setup(cfg.log.format, cfg.log.level)
-    return app.run(cfg, args.config, args.dev, os.environ)
+    try:
+        return app.run(cfg, args.config, args.dev, os.environ)
+    except (RelaydError, KeyboardInterrupt):
+        raise
+    except Exception as exc:
+        # Not an error relayd expected (an OSError nobody translated, a bug): one line for the
+        # operator, the traceback only at log.level debug.
+        structlog.get_logger().debug("server.crashed", exc_info=exc)
+        raise RelaydError(f"unexpected error: {type(exc).__name__}: {exc}") from None

@@ -469,18 +469,33 @@ class Relay:
             first = next(o for o in outcomes if o.address in verdicts)
             await self._hold(env, verdict, first.step, first.code, first.text, bound)
             return True
-        await self.provider.enact(verdict)
+        await self._enact(verdict)
         outcomes[:] = [
             dataclasses.replace(o, status=OutcomeStatus.TEMPORARY) if o.address in verdicts else o
             for o in outcomes
         ]
         return False
 
+    async def _enact(self, verdict: Verdict) -> float:
+        """Carry out an upstream verdict. After a throttle, what was handed out at the old
+        pace and not yet taken by a worker goes back to the index, to pass the slower one."""
+        until = await self.provider.enact(verdict)
+        if verdict.action == "throttle":
+            now = self.clock()
+            while not self.work.empty():
+                msg_id = self.work.get_nowait()
+                if not msg_id:
+                    self.work.put_nowait(msg_id)  # the stop sentinel is for a worker to see
+                    break
+                self.inflight.discard(msg_id)
+                self._later(msg_id, now)
+        return until
+
     async def _hold(
         self, env: Envelope, verdict: Verdict, step: str, code: int | None, text: str, bound: Any
     ) -> None:
         """Keep the message queued without counting an attempt: the upstream must wait."""
-        until = await self.provider.enact(verdict)
+        until = await self._enact(verdict)
         now = self.clock()
         reply = {"step": step, "code": code, "text": text, "at": iso(now)}
         entry = {**reply, "attempt": env.attempts, "result": verdict.action}

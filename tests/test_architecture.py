@@ -31,10 +31,23 @@ LAYERS: dict[str, int] = {
         0,
     ),  # the base
     **dict.fromkeys(
-        ["envelope", "spool", "message", "auth", "metrics", "wire", "oauth", "fleet", "gate"], 1
-    ),
-    **dict.fromkeys(
-        ["envelope", "spool", "message", "auth", "metrics", "wire", "oauth", "fleet", "gate"], 1
+        [
+            "envelope",
+            "spool_files",
+            "spool_lock",
+            "spool_scan",
+            "spool",
+            "message",
+            "auth",
+            "metrics",
+            "wire",
+            "oauth_endpoint",
+            "oauth_store",
+            "oauth",
+            "fleet",
+            "gate",
+        ],
+        1,
     ),
     **dict.fromkeys(
         ["aiosmtpd_fence", "server", "aiosmtplib_fence", "upstream", "endpoint", "fences"], 2

@@ -84,7 +84,7 @@ class Spool:
         self._renamed: dict[str, int] = {}
         self._synced: dict[str, int] = {}
         self._locks = SpoolLock(self.root)
-        self._scan = SpoolScan(self.root)
+        self._scanner = SpoolScan(self.root)
 
     # -- layout ---------------------------------------------------------------------------
 
@@ -363,13 +363,13 @@ class Spool:
             # removal's two unlinks shows a .json without its .eml, and the delivered
             # message's .json went to corrupt/ (a rescan while deliveries run).
             with self.editing(exclusive=True):
-                yield from self._scan.envelopes(state, repair)
+                yield from self._scanner.envelopes(state, repair)
         else:
-            yield from self._scan.envelopes(state, repair)
+            yield from self._scanner.envelopes(state, repair)
 
     def sweep_tmp(self) -> int:
         """Remove partial writes left by a crash; returns how many."""
-        return self._scan.sweep_tmp()
+        return self._scanner.sweep_tmp()
 
     @translated("cannot write to the outbox")
     def deliver_to_outbox(self, env: Envelope, data: bytes) -> Path:

@@ -15,6 +15,10 @@ rename of that one file is the commit point (one inode per message: see
 docs/benchmarks.md#one-file-per-new-message).
 Directory fsyncs of concurrent writers are shared (group commit): a writer whose rename an
 fsync already covered does not issue another.
+
+Spool is the face every caller uses; behind it, spool_files reads a message's files back (and
+turns OSErrors into SpoolErrors), spool_lock holds the daemon and edit locks, and spool_scan
+lists a directory and, at start-up, repairs what a crash left.
 """
 
 from __future__ import annotations
@@ -22,18 +26,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
-import fcntl
-import functools
-import json
 import os
 import random
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import ParamSpec, TypeVar
 
 import structlog
 
@@ -44,11 +44,13 @@ from relayd.envelope import (
     Recipient,
     header_line,
     iso,
-    parse_header_line,
     parse_iso,
 )
 from relayd.envelope import dumps as _dumps
 from relayd.errors import SpoolError
+from relayd.spool_files import load_json, missing, read_eml, spool_error, translated
+from relayd.spool_lock import SpoolLock
+from relayd.spool_scan import SpoolScan
 from relayd.states import RcptState, SpoolDir
 
 # Envelope and its helpers live in relayd.envelope; spool.Envelope etc. stay importable.
@@ -64,41 +66,6 @@ __all__ = [
 ]
 
 log = structlog.get_logger()
-
-_HEAD_CHUNK = 64 * 1024
-_P = ParamSpec("_P")
-_R = TypeVar("_R")
-
-
-def _translated(what: str) -> Callable[[Callable[_P, _R]], Callable[_P, _R]]:
-    """Every OSError of a spool operation becomes a SpoolError that keeps the errno.
-
-    One error type for every caller (the relay, the listener, the CLI), and the errno stays
-    available, so a read-only spool (EROFS), a full disk (ENOSPC) and a file that is not
-    ours (EACCES, EPERM) can each be told apart without parsing a message.
-    """
-
-    def wrap(func: Callable[_P, _R]) -> Callable[_P, _R]:
-        @functools.wraps(func)
-        def translated(*args: _P.args, **kwargs: _P.kwargs) -> _R:
-            try:
-                return func(*args, **kwargs)
-            except OSError as exc:
-                raise _spool_error(what, exc) from exc
-
-        return translated
-
-    return wrap
-
-
-def _spool_error(what: str, exc: OSError) -> SpoolError:
-    why = exc.strerror or os.strerror(exc.errno or errno.EIO)
-    where = f" {exc.filename}" if exc.filename else ""
-    return SpoolError(f"{what}{where}: {why}", errno=exc.errno or errno.EIO)
-
-
-def _missing(msg_id: str) -> SpoolError:
-    return SpoolError(f"no such message: {msg_id}", errno=errno.ENOENT)
 
 
 class Spool:
@@ -116,8 +83,8 @@ class Spool:
         self._sync_lock = threading.Lock()
         self._renamed: dict[str, int] = {}
         self._synced: dict[str, int] = {}
-        self._lock_fd: int | None = None
-        self._held = threading.local()
+        self._locks = SpoolLock(self.root)
+        self._scanner = SpoolScan(self.root)
 
     # -- layout ---------------------------------------------------------------------------
 
@@ -128,10 +95,10 @@ class Spool:
             for sub in (SpoolDir.QUEUE, SpoolDir.FAILED, SpoolDir.TMP, SpoolDir.CORRUPT):
                 (self.root / sub).mkdir(mode=0o700, exist_ok=True)
         except OSError as exc:
-            raise _spool_error(f"cannot create spool {self.root}", exc) from None
+            raise spool_error(f"cannot create spool {self.root}", exc) from None
         self._check_dirs()
 
-    @_translated("cannot inspect the spool")
+    @translated("cannot inspect the spool")
     def _check_dirs(self) -> None:
         for d in (
             self.root,
@@ -143,75 +110,21 @@ class Spool:
             if d.stat().st_uid != os.geteuid():
                 log.warning("spool.wrong_owner", path=str(d), uid=d.stat().st_uid)
 
-    @_translated("cannot take the spool lock")
     def lock(self) -> None:
         """Take the spool's daemon lock (one serving relayd per spool) or raise SpoolError."""
-        fd = os.open(self.root / "relayd.lock", os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise SpoolError(f"another relayd is serving {self.root}") from None
-        try:
-            os.ftruncate(fd, 0)
-            os.write(fd, f"{os.getpid()}\n".encode())
-        except OSError:
-            os.close(fd)
-            raise
-        self._lock_fd = fd
+        self._locks.lock()
 
     def unlock(self) -> None:
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        self._locks.unlock()
 
     def daemon_pid(self) -> int | None:
         """The pid of the relayd serving this spool, or None when no daemon holds the lock."""
-        path = self.root / "relayd.lock"
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError:
-            return None
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:
-                text = os.pread(fd, 32, 0).decode().strip()
-                return int(text) if text.isdigit() else None
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            return None
-        finally:
-            os.close(fd)
+        return self._locks.daemon_pid()
 
-    @contextlib.contextmanager
-    def editing(self, exclusive: bool = False) -> Iterator[None]:
-        """Hold the spool's edit lock: shared for the daemon's writes, exclusive for the CLI.
-
-        The daemon's own writes never conflict with each other (it works on an id in one
-        place at a time), so they share the lock. An operator command takes it exclusively
-        around its read-modify-write, so it never rewrites an envelope from a stale read and
-        never sees a half-done move. Re-entrant within a thread.
-        """
-        if getattr(self._held, "depth", 0):
-            self._held.depth += 1
-            try:
-                yield
-            finally:
-                self._held.depth -= 1
-            return
-        try:
-            fd = os.open(self.root / "edit.lock", os.O_RDWR | os.O_CREAT, 0o600)
-        except OSError as exc:
-            raise _spool_error("cannot take the edit lock", exc) from exc
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
-            self._held.depth = 1
-            try:
-                yield
-            finally:
-                self._held.depth = 0
-        finally:
-            os.close(fd)
+    def editing(self, exclusive: bool = False) -> contextlib.AbstractContextManager[None]:
+        """Hold the spool's edit lock: shared for the daemon's writes, exclusive for the CLI
+        (spool_lock.SpoolLock.editing says why). Re-entrant within a thread."""
+        return self._locks.editing(exclusive)
 
     def new_id(self) -> str:
         """An id that sorts by arrival and is unique across processes: time, then randomness."""
@@ -306,7 +219,7 @@ class Spool:
             raise SpoolError(f"cannot write message: {why}", errno=exc.errno or errno.EIO) from exc
         return env
 
-    @_translated("cannot save the envelope")
+    @translated("cannot save the envelope")
     def save(self, env: Envelope) -> None:
         """Durably replace the envelope of a queued message (SpoolError ENOENT if deleted)."""
         tmp = self._write_tmp(_dumps(env))
@@ -314,7 +227,7 @@ class Spool:
         try:
             with self.editing():
                 if not self.path(env.state, env.id, "eml").exists():
-                    raise _missing(env.id)
+                    raise missing(env.id)
                 self._place(tmp, self.path(env.state, env.id, "json"))
                 placed = True
         finally:
@@ -323,7 +236,7 @@ class Spool:
                     tmp.unlink()
         self._sync_dir(env.state)
 
-    @_translated("cannot remove the message")
+    @translated("cannot remove the message")
     def remove(self, msg_id: str, state: str = SpoolDir.QUEUE, durable: bool = True) -> bool:
         """Delete a message (the .eml first: without it a leftover .json is no message).
 
@@ -342,7 +255,7 @@ class Spool:
             self._sync_dir(state)
         return found
 
-    @_translated("cannot move the message")
+    @translated("cannot move the message")
     def move(self, env: Envelope, to: str) -> Envelope:
         """Move a message between queue/ and failed/ with its updated envelope.
 
@@ -356,7 +269,7 @@ class Spool:
             if not self.path(env.state, env.id, "eml").exists():
                 with contextlib.suppress(OSError):
                     tmp.unlink()  # deleted by an operator meanwhile: nothing left to move
-                raise _missing(env.id)
+                raise missing(env.id)
             try:
                 self._place(tmp, self.path(to, env.id, "json"))
             except OSError:
@@ -372,7 +285,7 @@ class Spool:
             self._sync_dir(env.state)
         return moved
 
-    @_translated("cannot retry the message")
+    @translated("cannot retry the message")
     def retry(self, msg_id: str, now: float, max_age: float) -> Envelope:
         """Make a queued or failed message due now, durably; failed ones move back to queue/.
 
@@ -394,7 +307,7 @@ class Spool:
             )
             return self.move(env, SpoolDir.QUEUE)
 
-    @_translated("cannot delete the message")
+    @translated("cannot delete the message")
     def delete(self, msg_id: str) -> Envelope:
         """Remove a queued or failed message for good (SpoolError if there is none)."""
         with self.editing(exclusive=True):
@@ -408,9 +321,9 @@ class Spool:
         """A message's envelope: its .json if it has one, else the first line of its .eml."""
         # Plain str paths: pathlib's per-call parsing was a third of a 100,000-message scan.
         prefix = os.path.join(self.root, state, msg_id)
-        env = self._load_json(prefix + ".json", msg_id, state)
+        env = load_json(prefix + ".json", msg_id, state)
         if env is None:
-            env = self._read_eml(prefix + ".eml", msg_id, state, body=False)[0]
+            env = read_eml(prefix + ".eml", msg_id, state, body=False)[0]
         if env is None:
             raise SpoolError(f"no envelope for message {msg_id}")
         return env
@@ -418,61 +331,23 @@ class Spool:
     def load_message(self, msg_id: str, state: str = SpoolDir.QUEUE) -> tuple[Envelope, bytes]:
         """Envelope and message bytes, reading the .eml once (what a delivery needs)."""
         prefix = os.path.join(self.root, state, msg_id)
-        env = self._load_json(prefix + ".json", msg_id, state)
-        head, data = self._read_eml(prefix + ".eml", msg_id, state, body=True)
+        env = load_json(prefix + ".json", msg_id, state)
+        head, data = read_eml(prefix + ".eml", msg_id, state, body=True)
         env = env or head
         if env is None:
             raise SpoolError(f"no envelope for message {msg_id}")
         return env, data
-
-    def _load_json(self, path: str, msg_id: str, state: str) -> Envelope | None:
-        try:
-            with open(path, "rb") as fh:
-                doc = json.loads(fh.read())
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            raise _spool_error(f"cannot read envelope {msg_id}", exc) from None
-        except ValueError as exc:
-            raise SpoolError(f"unreadable envelope {msg_id}: {exc}") from None
-        if not isinstance(doc, dict):
-            raise SpoolError(f"malformed envelope {msg_id}")
-        return Envelope.from_json(doc, state)
-
-    def _read_eml(
-        self, path: str, msg_id: str, state: str, body: bool
-    ) -> tuple[Envelope | None, bytes]:
-        """The envelope line of an .eml (None if it has none) and, with body, the message."""
-        try:
-            with open(path, "rb", buffering=0) as fh:
-                head = fh.read(_HEAD_CHUNK)
-                while head.startswith(ENVELOPE_HEADER) and b"\n" not in head:
-                    more = fh.read(_HEAD_CHUNK)  # a very long recipient list
-                    if not more:
-                        break
-                    head += more
-                env, start = parse_header_line(head, msg_id, state)
-                if not body:
-                    return env, b""
-                if len(head) < _HEAD_CHUNK:
-                    return env, head[start:]
-                fh.seek(start)
-                return env, fh.read()  # one allocation of the message's size, no copy
-        except FileNotFoundError:
-            raise _missing(msg_id) from None
-        except OSError as exc:
-            raise _spool_error(f"cannot read message {msg_id}", exc) from None
 
     def find(self, msg_id: str) -> Envelope:
         """Load a message from queue/ or failed/."""
         for state in (SpoolDir.QUEUE, SpoolDir.FAILED):
             if self.path(state, msg_id, "eml").exists():
                 return self.load(msg_id, state)
-        raise _missing(msg_id)
+        raise missing(msg_id)
 
     def read(self, env: Envelope) -> bytes:
         """The message as it is sent upstream (without relayd's envelope line)."""
-        return self._read_eml(
+        return read_eml(
             os.path.join(self.root, env.state, env.id + ".eml"), env.id, env.state, body=True
         )[1]
 
@@ -488,119 +363,15 @@ class Spool:
             # removal's two unlinks shows a .json without its .eml, and the delivered
             # message's .json went to corrupt/ (a rescan while deliveries run).
             with self.editing(exclusive=True):
-                yield from self._scan(state, repair)
+                yield from self._scanner.envelopes(state, repair)
         else:
-            yield from self._scan(state, repair)
+            yield from self._scanner.envelopes(state, repair)
 
-    def _scan(self, state: str, repair: bool) -> Iterator[Envelope]:
-        # One pass over one listing (hot at start-up: see docs/benchmarks.md#start-up-scan).
-        directory = self.root / state
-        try:
-            names = os.listdir(directory)
-        except OSError as exc:
-            raise _spool_error("cannot list", exc) from None
-        # Two flat sets, not a set per message: docs/benchmarks.md#start-up-scan
-        jsons: set[str] = set()
-        emls: set[str] = set()
-        for name in names:
-            if name.endswith(".json"):
-                jsons.add(name[:-5])
-            elif name.endswith(".eml"):
-                emls.add(name[:-4])
-            elif repair:
-                self._quarantine(directory / name, "unknown file")
-        del names
-        prefix = os.path.join(directory, "")
-        for stem in sorted(jsons | emls):
-            if stem not in emls:
-                if repair:
-                    self._repair_half(state, stem)
-                continue
-            has_json = stem in jsons
-            if repair:
-                self._check_owner_and_mode(state, stem, has_json)
-            try:
-                env = (
-                    self._load_json(prefix + stem + ".json", stem, state)
-                    if has_json
-                    else self._read_eml(prefix + stem + ".eml", stem, state, body=False)[0]
-                )
-            except SpoolError as exc:
-                self._unloadable(state, stem, has_json, exc, repair)
-                continue
-            if env is not None:
-                yield env
-            elif repair:
-                self._quarantine(self.path(state, stem, "eml"), "message without envelope")
-
-    def _unloadable(
-        self, state: str, stem: str, has_json: bool, exc: SpoolError, repair: bool
-    ) -> None:
-        """A message whose envelope cannot be read: damage goes to corrupt/ (with repair);
-        a permission problem is not damage: say how to fix it, leave the files in place."""
-        if exc.errno in (errno.EACCES, errno.EPERM):
-            path = self.path(state, stem, "eml")
-            log.error(
-                "spool.unreadable",
-                msg_id=stem,
-                error=str(exc),
-                fix=f"chown {os.geteuid()}:{os.getegid()} {path.with_suffix('.*')} (the user "
-                "relayd runs as); the next rescan picks it up",
-            )
-        elif repair:
-            if has_json:
-                self._quarantine(self.path(state, stem, "json"), str(exc))
-            why = "envelope corrupt" if has_json else str(exc)
-            self._quarantine(self.path(state, stem, "eml"), why)
-
-    def _check_owner_and_mode(self, state: str, stem: str, has_json: bool) -> None:
-        """Report files another user owns and tighten modes wider than 0600 (mail is private)."""
-        # str paths and os.stat, not pathlib: docs/benchmarks.md#start-up-scan
-        prefix = os.path.join(self.root, state, stem)
-        for ext in ("eml", "json") if has_json else ("eml",):
-            path = f"{prefix}.{ext}"
-            try:
-                st = os.stat(path)
-                if st.st_uid != os.geteuid():
-                    log.warning("spool.wrong_owner", path=str(path), uid=st.st_uid)
-                if st.st_mode & 0o077:
-                    os.chmod(path, 0o600)
-                    log.warning("spool.mode_fixed", path=str(path), was=oct(st.st_mode & 0o777))
-            except OSError as exc:
-                log.error("spool.unreadable", path=str(path), error=exc.strerror)
-
-    def _repair_half(self, state: str, stem: str) -> None:
-        """A .json without its .eml: an interrupted move() or remove(), or damage."""
-        other = SpoolDir.FAILED if state == SpoolDir.QUEUE else SpoolDir.QUEUE
-        if self.path(other, stem, "eml").exists() and self.path(other, stem, "json").exists():
-            # An interrupted move(): the eml already went to `other`, whose json is the newer.
-            self.path(state, stem, "json").unlink()
-            log.info("spool.move_completed", msg_id=stem, state=other)
-            return
-        self._quarantine(self.path(state, stem, "json"), "envelope without message")
-
-    def _quarantine(self, path: Path, reason: str) -> None:
-        target = self.root / SpoolDir.CORRUPT / path.name
-        try:
-            os.rename(path, target)
-        except OSError as exc:
-            log.error("spool.quarantine_failed", path=str(path), error=exc.strerror)
-            return
-        log.warning("spool.quarantined", path=str(path), moved_to=str(target), reason=reason)
-
-    @_translated("cannot sweep tmp/")
     def sweep_tmp(self) -> int:
         """Remove partial writes left by a crash; returns how many."""
-        count = 0
-        for entry in os.scandir(self.root / SpoolDir.TMP):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(entry.path)
-                count += 1
-        if count:
-            log.info("spool.tmp_swept", files=count)
-        return count
+        return self._scanner.sweep_tmp()
 
-    @_translated("cannot write to the outbox")
+    @translated("cannot write to the outbox")
     def deliver_to_outbox(self, env: Envelope, data: bytes) -> Path:
         """--dev delivery: write the message as <spool>/outbox/<id>.eml."""
         (self.root / SpoolDir.OUTBOX).mkdir(mode=0o700, exist_ok=True)

@@ -20,11 +20,8 @@ from relayd.errors import UpstreamError
 from relayd.link import DATA_CHUNK, Link, Reply, crlf_normalised, stuffed_chunks
 from relayd.states import OutcomeStatus
 
-DELIVERED, TEMPORARY, PERMANENT = (
-    OutcomeStatus.DELIVERED,
-    OutcomeStatus.TEMPORARY,
-    OutcomeStatus.PERMANENT,
-)
+_S = OutcomeStatus
+DELIVERED, TEMPORARY, PERMANENT = _S.DELIVERED, _S.TEMPORARY, _S.PERMANENT
 
 # A message to send again in the same call: its MAIL met a transaction an earlier failure in
 # the flight left open (503), or the server refused its BDAT and DATA may do.
@@ -277,8 +274,8 @@ class Channel:
 
     def _envelope(self, sub: Submission) -> bytes:
         opts = b"".join(b" " + o for o in self._mail_options(sub))
-        lines = [b"MAIL FROM:<" + _encode(sub.mail_from) + b">" + opts]
-        lines += [b"RCPT TO:<" + _encode(a) + b">" for a in _sendable(sub)]
+        lines = [b"MAIL FROM:<" + sub.mail_from.encode() + b">" + opts]
+        lines += [b"RCPT TO:<" + a.encode() + b">" for a in _sendable(sub)]
         return b"".join(line + b"\r\n" for line in lines)
 
     def _mail_options(self, sub: Submission) -> list[bytes]:
@@ -351,10 +348,6 @@ def _quota(reply: Reply) -> bool:
     """A reply about the upstream (quota, rate, login) by the built-in rules: DATA would get
     the same, so the message keeps this reply and relayd.provider holds it."""
     return replies.classify(reply.code, "", reply.text, _BUILTIN).upstream
-
-
-def _encode(address: str) -> bytes:
-    return address.encode("utf-8")
 
 
 def _sendable(sub: Submission) -> list[str]:

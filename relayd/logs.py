@@ -122,7 +122,10 @@ def setup(fmt: str = LogFormat.JSON, level: str = "info", stream: TextIO | None 
     structlog.configure(
         processors=[*shared, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(lvl),
-        logger_factory=structlog.PrintLoggerFactory(out),
+        # One write() per line, newline included: the listener and its delivery process share
+        # stderr, and print()'s two writes let the other process's line land between a line
+        # and its newline, so a reader of JSON lines lost both (server.started among them).
+        logger_factory=structlog.WriteLoggerFactory(out),
         cache_logger_on_first_use=False,
     )
     _setup_stdlib(out, lvl, renderer)

@@ -23,8 +23,9 @@ from typing import Any
 import structlog
 
 from relayd import config as config_mod
-from relayd import eventloop, fences, logs, metrics, wire
-from relayd.config import Config
+from relayd import eventloop, fences, logs, metrics, pool, routes, wire
+from relayd.breaker import UpstreamState
+from relayd.config import Config, UpstreamConfig
 from relayd.endpoint import Endpoint
 from relayd.errors import ConfigError, RelaydError
 from relayd.notify import Notifier
@@ -73,11 +74,13 @@ class Daemon:
         self.chores = Chores()
         # Signals that came before the daemon was ready, acted on once it is.
         self._early: dict[int, Callable[[], Awaitable[None]]] = {}
+        self.gauged: set[str] = set()  # upstreams with relayd_upstream_state series
+        self.upstream_states: tuple[dict[str, Any], ...] = ()  # as of the last housekeeping
 
-    def _connect(self) -> Deliverer:
+    def _connect(self, up: UpstreamConfig) -> Deliverer:
         if self.dev:
             return Outbox(self.spool)
-        return Session(self.relay.cfg.upstream, self.relay.cfg.ehlo_name)
+        return Session(up, up.ehlo_name or self.cfg.listen.hostname)
 
     async def run(self) -> int:
         # Before the pid is published in relayd.lock: the queue commands and sendmail signal
@@ -120,7 +123,10 @@ class Daemon:
 
     async def _listen(self) -> Listener:
         """Bind the listener; on failure stop the delivery process and release the spool."""
-        handler = Handler(self.cfg.listen, self.spool, self.relay.enqueue)
+        handler = Handler(
+            self.cfg.listen, self.spool, self.relay.enqueue, router=routes.from_config(self.cfg)
+        )
+        self.handler = handler
         listener = Listener(self.cfg.listen, handler)
         try:
             self.address = await listener.start()
@@ -144,13 +150,10 @@ class Daemon:
             event_loop="uvloop"
             if type(asyncio.get_running_loop()).__module__.startswith("uvloop")
             else "asyncio",
-            upstream="outbox (dev)"
-            if self.dev
-            else f"{self.cfg.upstream.host}:{self.cfg.upstream.port}",
+            upstream="outbox (dev)" if self.dev else describe_upstreams(self.cfg),
         )
 
     def _warn_insecure(self) -> None:
-        up = self.cfg.upstream
         if self.dev:
             log.warning(
                 "dev_mode",
@@ -158,17 +161,20 @@ class Daemon:
                 f"{self.spool.root / SpoolDir.OUTBOX} instead of being sent",
             )
             return
-        if up.tls == TlsMode.NONE:
-            log.warning(
-                "upstream.plaintext",
-                detail="upstream.tls is none: mail and credentials cross the network unencrypted",
-            )
-        if not up.verify:
-            log.warning(
-                "upstream.unverified",
-                detail="upstream.verify is false: any "
-                "certificate is accepted, so anyone on the path can read the mail",
-            )
+        for up in self.cfg.upstreams:
+            if up.tls == TlsMode.NONE:
+                log.warning(
+                    "upstream.plaintext",
+                    upstream=up.name,
+                    detail="tls is none: mail and credentials cross the network unencrypted",
+                )
+            if not up.verify:
+                log.warning(
+                    "upstream.unverified",
+                    upstream=up.name,
+                    detail="verify is false: any "
+                    "certificate is accepted, so anyone on the path can read the mail",
+                )
 
     def _start_metrics(self) -> None:
         if not self.cfg.metrics.listen:
@@ -194,7 +200,9 @@ class Daemon:
             with contextlib.suppress(TimeoutError, concurrent.futures.CancelledError):
                 future.result(timeout=LOOP_STALL / 2)
 
-        self.endpoint = Endpoint(host, port, lambda: self.ready, alive, refresh)
+        self.endpoint = Endpoint(
+            host, port, lambda: self.ready, alive, refresh, unroutable=self.unroutable
+        )
         self.endpoint.start()
         log.info("metrics.started", host=self.endpoint.address[0], port=self.endpoint.address[1])
 
@@ -236,8 +244,8 @@ class Daemon:
         self.notifier.send("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
         try:
             new = config_mod.load(self.config_path, self.environ)
-            if not self.dev and not new.upstream.host:
-                raise ConfigError("upstream.host", "required")
+            if not self.dev:
+                require_hosts(new)
         except ConfigError as exc:
             log.error("config.reload_failed", error=str(exc), detail="keeping the running config")
             self.notifier.send("READY=1")
@@ -245,8 +253,6 @@ class Daemon:
         register_secrets(new)
         if new.listen != self.cfg.listen or new.spool != self.cfg.spool:
             log.warning("config.restart_needed", detail="listen and spool changes need a restart")
-        if new.upstream.max_connections != self.relay.cfg.upstream.max_connections:
-            log.warning("config.restart_needed", detail="upstream.max_connections needs a restart")
         # The next delivery logs in with the new credentials.
         self.relay.reconfigure(
             dataclasses.replace(
@@ -258,7 +264,9 @@ class Daemon:
             )
         )
         # Logged under the level in force when the signal came, so the operator sees it.
-        log.info("config.reloaded", upstream=f"{new.upstream.host}:{new.upstream.port}")
+        log.info("config.reloaded", upstream=describe_upstreams(new))
+        router = routes.from_config(new)
+        self.handler.router = None if router.takes_everyone else router
         logs.setup(new.log.format, new.log.level)
         self.notifier.send("READY=1", "STATUS=config reloaded")
 
@@ -307,10 +315,35 @@ class Daemon:
         snap = self.relay.snapshot()
         metrics.QUEUE_DEPTH.labels(state=SpoolDir.QUEUE).set(snap.queued)
         metrics.OLDEST_AGE.set(snap.oldest_age)
-        if snap.upstream is not None:
-            metrics.set_upstream(snap.upstream)
+        for up in snap.upstreams:
+            metrics.set_upstream(up)
         self.failed_count = await asyncio.to_thread(_count, self.spool.root / SpoolDir.FAILED)
         metrics.QUEUE_DEPTH.labels(state=SpoolDir.FAILED).set(self.failed_count)
+        self.upstream_states = snap.upstreams
+        self._upstream_gauges(snap.upstreams)
+
+    def _upstream_gauges(self, upstreams: tuple[dict[str, Any], ...]) -> None:
+        names = {str(doc.get("name")) for doc in upstreams}
+        for gone in self.gauged - names:  # removed by a reload: its series go too
+            for state in UpstreamState:
+                with contextlib.suppress(KeyError):
+                    metrics.UPSTREAM_STATE.remove(gone, state)
+        self.gauged = names
+        for doc in upstreams:
+            for state in UpstreamState:
+                metrics.UPSTREAM_STATE.labels(upstream=doc.get("name"), state=state).set(
+                    1.0 if doc.get("state") == state else 0.0
+                )
+
+    def unroutable(self) -> str:
+        """Which routes have no upstream usable now ("" when every one has): /readyz?upstreams."""
+        now = time.time()
+        # Called on the HTTP thread: it reads the copy housekeeping took on the loop.
+        usable = {str(doc.get("name")): pool.usable_state(doc, now) for doc in self.upstream_states}
+        if not usable:
+            return ""  # the delivery process has not reported yet: nothing known is broken
+        names = routes.unroutable(routes.from_config(self.relay.cfg), usable)
+        return f"no usable upstream for route {', '.join(names)}" if names else ""
 
     def _status(self) -> wire.DaemonStatus:
         """What `relayd health` reads: built on the loop, written by a thread."""
@@ -384,10 +417,22 @@ def _spawn(coro: Any) -> None:
 
 
 def register_secrets(cfg: Config) -> None:
-    logs.add_auth_forms(cfg.upstream.username, cfg.upstream.password)
+    for up in cfg.upstreams:
+        logs.add_auth_forms(up.username, up.password)
+        logs.add_secrets([up.oauth2.client_secret])  # tokens: oauth.TokenSource
     if cfg.pacing.redis_password:
         logs.add_secrets([cfg.pacing.redis_password])
-    logs.add_secrets([cfg.upstream.oauth2.client_secret])  # tokens: oauth.TokenSource
+
+
+def require_hosts(cfg: Config) -> None:
+    """Every upstream needs a host (only --dev runs without one)."""
+    for i, up in enumerate(cfg.upstreams):
+        if not up.host:  # only the single upstream: section can lack one (list entries cannot)
+            raise ConfigError("upstream.host" if i == 0 else f"upstreams[{i}].host", "required")
+
+
+def describe_upstreams(cfg: Config) -> str:
+    return ", ".join(f"{u.name}={u.host}:{u.port}" for u in cfg.upstreams)
 
 
 def run(cfg: Config, config_path: str | None, dev: bool, environ: Mapping[str, str]) -> int:

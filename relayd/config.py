@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -16,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from relayd import eventloop, pacing, replies
+from relayd import eventloop, pacing, presets, replies
 from relayd.errors import ConfigError
 from relayd.states import (
     LogFormat,
@@ -75,6 +76,9 @@ class OAuth2Config:
 
 @dataclass(frozen=True, slots=True)
 class UpstreamConfig:
+    name: str = "default"  # unique among upstreams:; labels logs, metrics, history, check
+    preset: str = ""  # a provider from relayd.presets; the entry's own keys override it
+    region: str = ""  # for presets with regions (ses)
     host: str = ""
     port: int = 465
     tls: TlsMode = TlsMode.IMPLICIT
@@ -103,6 +107,24 @@ class UpstreamConfig:
     replies: tuple[dict[str, Any], ...] = ()
     auth: UpstreamAuth = UpstreamAuth.PASSWORD
     oauth2: OAuth2Config = OAuth2Config()
+    # Circuit breaker: connection-level failures in a row before the upstream is open, and
+    # how long it then rests before one probe (doubling per failed probe); 0 = retry's delays.
+    failure_threshold: int = 3
+    cooldown: float = 0.0
+    max_cooldown: float = 0.0
+    # keep | rewrite: envelope sender and header From become rewrite_from (default username).
+    from_policy: str = "keep"
+    rewrite_from: str = ""
+    rewrite_signed: bool = False  # rewrite even a message with a DKIM-Signature (breaks it)
+    allowed_from: tuple[str, ...] = ()  # sender globs this upstream accepts; () = any
+
+
+@dataclass(frozen=True, slots=True)
+class RouteConfig:
+    name: str = ""
+    senders: tuple[str, ...] = ()  # match.sender: envelope sender globs
+    header_from: tuple[str, ...] = ()  # match.from: header From globs
+    via: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,6 +180,9 @@ class Config:
     metrics: MetricsConfig = MetricsConfig()
     relay: RelayConfig = RelayConfig()
     pacing: PacingConfig = PacingConfig()
+    # Resolved at load: the upstreams: list, or the single upstream: section named "default".
+    upstreams: tuple[UpstreamConfig, ...] = (UpstreamConfig(),)
+    routes: tuple[RouteConfig, ...] = ()
 
     @property
     def ehlo_name(self) -> str:
@@ -187,17 +212,21 @@ def to_json(cfg: Config) -> dict[str, Any]:
 
 def from_json(doc: dict[str, Any]) -> Config:
     """Rebuild a Config written by to_json (already validated by the process that wrote it)."""
-    sections: dict[str, Any] = {}
-    for name, cls in SECTIONS.items():
-        values = dict(doc.get(name, {}))
-        for key, value in values.items():
-            if isinstance(value, list):
-                values[key] = tuple(value)
-            if isinstance(value, dict):  # a nested record (upstream.oauth2)
-                values[key] = _rebuild(_NESTED[f"{name}.{key}"], value)
-            values[key] = _as_enum(getattr(cls(), key), values[key])
-        sections[name] = cls(**values)
-    return Config(**sections)
+    sections = {name: _record(name, cls, doc.get(name, {})) for name, cls in SECTIONS.items()}
+    ups = tuple(_record("upstream", UpstreamConfig, u) for u in doc.get("upstreams", ()))
+    routes = tuple(_record("route", RouteConfig, r) for r in doc.get("routes", ()))
+    return Config(**sections, upstreams=ups or (sections["upstream"],), routes=routes)
+
+
+def _record(name: str, cls: type[Any], doc: dict[str, Any]) -> Any:
+    values = dict(doc)
+    for key, value in values.items():
+        if isinstance(value, list):
+            values[key] = tuple(value)
+        if isinstance(value, dict):  # a nested record (upstream.oauth2)
+            values[key] = _rebuild(_NESTED[f"{name}.{key}"], value)
+        values[key] = _as_enum(getattr(cls(), key), values[key])
+    return cls(**values)
 
 
 def _rebuild(cls: type[Any], doc: dict[str, Any]) -> Any:
@@ -220,18 +249,32 @@ def load(
             raw.setdefault("spool", {})
             raw["spool"] = {**(raw["spool"] or {}), "path": state_dir.split(":")[0]}
     _apply_env(raw, environ)
+    listed, route_list = raw.pop("upstreams", None), raw.pop("routes", None)
+    if listed is not None and raw.get("upstream"):
+        raise ConfigError("upstreams", "set either upstreams: or upstream: (RELAYD_UPSTREAM_*)")
+    if isinstance(raw.get("upstream"), dict):
+        raw["upstream"] = presets.apply("upstream", raw["upstream"])
     sections = {name: _section(name, cls, raw.get(name)) for name, cls in SECTIONS.items()}
     unknown = set(raw) - set(SECTIONS)
     if unknown:
         raise ConfigError(sorted(unknown)[0], "unknown section")
-    cfg = Config(**sections)
-    cfg = dataclasses.replace(
-        cfg,
-        upstream=_resolve_client_secret(_resolve_password(cfg.upstream)),
-        pacing=_resolve_redis_password(cfg.pacing),
-    )
+    ups: tuple[UpstreamConfig, ...]
+    if listed is None:
+        ups = (_resolved("upstream", sections["upstream"]),)
+    else:
+        ups = _upstream_list(listed)
+    routes = _routes(route_list, ups)
+    sections["pacing"] = _resolve_redis_password(sections["pacing"])
+    cfg = Config(**{**sections, "upstream": ups[0]}, upstreams=ups, routes=routes)
     validate(cfg, serve)
     return cfg
+
+
+def _resolved(key: str, up: UpstreamConfig) -> UpstreamConfig:
+    """An upstream with its secrets read from their files, and validated."""
+    up = _resolve_client_secret(key, _resolve_password(key, up))
+    _validate_upstream(key, up)
+    return up
 
 
 def _read_file(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -314,7 +357,7 @@ def _section(name: str, cls: type[Any], data: Any) -> Any:
     for key, value in data.items():
         if key not in fields:
             raise ConfigError(f"{name}.{key}", "unknown key")
-        if (name, key) == ("upstream", "replies"):
+        if cls is UpstreamConfig and key == "replies":
             values[key] = replies.parse(f"{name}.{key}", value)
             continue
         values[key] = _coerce(f"{name}.{key}", fields[key].default, value)
@@ -357,21 +400,21 @@ def _as_enum(default: Any, value: Any) -> Any:
     return value
 
 
-def _resolve_password(up: UpstreamConfig) -> UpstreamConfig:
+def _resolve_password(key: str, up: UpstreamConfig) -> UpstreamConfig:
     if up.password and up.password_file:
-        raise ConfigError("upstream.password_file", "set either password or password_file")
+        raise ConfigError(f"{key}.password_file", "set either password or password_file")
     if not up.password_file:
         return up
     try:
         secret = Path(up.password_file).read_text(encoding="utf-8").rstrip("\r\n")
     except OSError as exc:
-        raise ConfigError("upstream.password_file", f"cannot read: {exc.strerror}") from None
+        raise ConfigError(f"{key}.password_file", f"cannot read: {exc.strerror}") from None
     return dataclasses.replace(up, password=secret)
 
 
-def _resolve_client_secret(up: UpstreamConfig) -> UpstreamConfig:
+def _resolve_client_secret(entry: str, up: UpstreamConfig) -> UpstreamConfig:
     o = up.oauth2
-    key = "upstream.oauth2.client_secret_file"
+    key = f"{entry}.oauth2.client_secret_file"
     if o.client_secret and o.client_secret_file:
         raise ConfigError(key, "set either client_secret or client_secret_file")
     if not o.client_secret_file:
@@ -383,13 +426,13 @@ def _resolve_client_secret(up: UpstreamConfig) -> UpstreamConfig:
     return dataclasses.replace(up, oauth2=dataclasses.replace(o, client_secret=secret))
 
 
-def _validate_oauth2(up: UpstreamConfig) -> None:
-    _check(up.auth in tuple(UpstreamAuth), "upstream.auth", "|".join(UpstreamAuth))
+def _validate_oauth2(entry: str, up: UpstreamConfig) -> None:
+    _check(up.auth in tuple(UpstreamAuth), f"{entry}.auth", "|".join(UpstreamAuth))
     if up.auth != UpstreamAuth.OAUTH2:
         return
-    o, k = up.oauth2, "upstream.oauth2."
-    _check(bool(up.username), "upstream.username", "required with auth: oauth2 (the mailbox)")
-    _check(not up.password, "upstream.password", "not used with auth: oauth2; remove it")
+    o, k = up.oauth2, f"{entry}.oauth2."
+    _check(bool(up.username), f"{entry}.username", "required with auth: oauth2 (the mailbox)")
+    _check(not up.password, f"{entry}.password", "not used with auth: oauth2; remove it")
     _check(o.provider in tuple(OAuth2Provider), k + "provider", "|".join(OAuth2Provider))
     _check(bool(o.client_id), k + "client_id", "required")
     _check(o.flow in tuple(OAuth2Flow), k + "flow", "|".join(OAuth2Flow))
@@ -450,8 +493,13 @@ def validate(cfg: Config, serve: bool = True) -> None:
     if serve:
         _validate_exposure(cfg)
     _check(bool(cfg.spool.path), "spool.path", "must not be empty")
-    _validate_upstream(cfg.upstream)
-    _validate_pacing(cfg.upstream, cfg.pacing)
+    _check(cfg.pacing.fleet_size >= 1, "pacing.fleet_size", "must be >= 1")
+    if cfg.pacing.redis:
+        _check(
+            cfg.pacing.redis.startswith(("redis://", "rediss://", "unix://")),
+            "pacing.redis",
+            "expected redis://host:port/db (or rediss://, unix://)",
+        )
     rt = cfg.retry
     _check(rt.initial_delay > 0, "retry.initial_delay", "must be > 0")
     _check(rt.max_delay >= rt.initial_delay, "retry.max_delay", "must be >= initial_delay")
@@ -505,41 +553,123 @@ def _validate_exposure(cfg: Config) -> None:
         parse_hostport("metrics.listen", cfg.metrics.listen)
 
 
-def _validate_upstream(up: UpstreamConfig) -> None:
-    _check(1 <= up.port <= 65535, "upstream.port", "must be 1..65535")
-    _check(up.tls in tuple(TlsMode), "upstream.tls", "|".join(TlsMode))
-    _check(up.timeout > 0, "upstream.timeout", "must be > 0")
-    _check(up.max_connections >= 1, "upstream.max_connections", "must be >= 1")
-    _check(up.max_messages_per_session >= 1, "upstream.max_messages_per_session", "must be >= 1")
+# -- upstreams: and routes: ---------------------------------------------------------------
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")  # a metric label and a CLI argument
+FROM_POLICIES = ("keep", "rewrite")
+
+
+def _upstream_list(listed: Any) -> tuple[UpstreamConfig, ...]:
+    """`upstreams:` as records, in order; names unique, each entry valid."""
+    if not isinstance(listed, list) or not listed:
+        raise ConfigError("upstreams", "expected a non-empty list of upstreams")
+    ups: list[UpstreamConfig] = []
+    for i, entry in enumerate(listed):
+        key = f"upstreams[{i}]"
+        if not isinstance(entry, dict):
+            raise ConfigError(key, "must be a mapping")
+        if not entry.get("name"):
+            raise ConfigError(f"{key}.name", "required (a unique name for this upstream)")
+        up = _resolved(key, _section(key, UpstreamConfig, presets.apply(key, entry)))
+        _check(bool(up.host), f"{key}.host", "required (or a preset that names it)")
+        if any(u.name == up.name for u in ups):
+            raise ConfigError(f"{key}.name", f"{up.name!r} is already the name of an upstream")
+        ups.append(up)
+    return tuple(ups)
+
+
+def _validate_upstream(key: str, up: UpstreamConfig) -> None:
+    """Reject an impossible upstream entry; the message names the key."""
+    _check(bool(_NAME.match(up.name)), f"{key}.name", "letters, digits, '.', '_' and '-' only")
+    _check(1 <= up.port <= 65535, f"{key}.port", "must be 1..65535")
+    _check(up.tls in tuple(TlsMode), f"{key}.tls", "|".join(TlsMode))
+    _check(up.timeout > 0, f"{key}.timeout", "must be > 0")
+    _check(up.max_connections >= 1, f"{key}.max_connections", "must be >= 1")
+    _check(up.max_messages_per_session >= 1, f"{key}.max_messages_per_session", "must be >= 1")
+    _check(up.failure_threshold >= 1, f"{key}.failure_threshold", "must be >= 1")
+    _check(up.cooldown >= 0, f"{key}.cooldown", "must be >= 0")
+    _check(
+        up.max_cooldown == 0 or up.max_cooldown >= up.cooldown,
+        f"{key}.max_cooldown",
+        "must be >= cooldown",
+    )
     _check(
         up.ehlo_name.isascii() and up.ehlo_name.isprintable() and " " not in up.ehlo_name,
-        "upstream.ehlo_name",
+        f"{key}.ehlo_name",
         "must be a host name (no spaces or control characters)",
     )
     if up.ca_file:
-        _check(Path(up.ca_file).is_file(), "upstream.ca_file", f"no such file: {up.ca_file}")
+        _check(Path(up.ca_file).is_file(), f"{key}.ca_file", f"no such file: {up.ca_file}")
     if up.password and not up.username:
-        raise ConfigError("upstream.username", "required when a password is set")
-    _validate_oauth2(up)
+        raise ConfigError(f"{key}.username", "required when a password is set")
+    _check(up.from_policy in FROM_POLICIES, f"{key}.from_policy", "|".join(FROM_POLICIES))
+    _validate_oauth2(key, up)
+    _validate_pacing(key, up)
+    if up.from_policy == "rewrite":
+        _check(
+            "@" in rewrite_address(up),
+            f"{key}.rewrite_from",
+            "required with from_policy: rewrite when username is not an address",
+        )
 
 
-def _validate_pacing(up: UpstreamConfig, pc: PacingConfig) -> None:
+def rewrite_address(up: UpstreamConfig) -> str:
+    """The address a rewriting upstream sends as: rewrite_from, else the username."""
+    return up.rewrite_from or up.username
+
+
+def _routes(route_list: Any, ups: tuple[UpstreamConfig, ...]) -> tuple[RouteConfig, ...]:
+    """`routes:` as records; every `via` names configured upstreams."""
+    if route_list is None:
+        return ()
+    if not isinstance(route_list, list):
+        raise ConfigError("routes", "expected a list of routes")
+    names = [u.name for u in ups]
+    routes = []
+    for i, entry in enumerate(route_list):
+        key = f"routes[{i}]"
+        if not isinstance(entry, dict):
+            raise ConfigError(key, "must be a mapping")
+        unknown = set(entry) - {"name", "match", "via"}
+        if unknown:
+            raise ConfigError(f"{key}.{sorted(unknown)[0]}", "unknown key (name, match, via)")
+        match = entry.get("match") or {}
+        if not isinstance(match, dict) or set(match) - {"sender", "from"}:
+            raise ConfigError(f"{key}.match", "expected a mapping with sender and/or from")
+        via = _globs(f"{key}.via", entry.get("via"))
+        _check(bool(via), f"{key}.via", "required: the upstreams to use, in order")
+        for name in via:
+            _check(name in names, f"{key}.via", f"no upstream is called {name!r}")
+        routes.append(
+            RouteConfig(
+                name=str(entry.get("name") or f"routes[{i}]"),
+                senders=_globs(f"{key}.match.sender", match.get("sender")),
+                header_from=_globs(f"{key}.match.from", match.get("from")),
+                via=via,
+            )
+        )
+    return tuple(routes)
+
+
+def _globs(key: str, value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(i, str) and i for i in items):
+        raise ConfigError(key, "expected a string or a list of strings")
+    return tuple(items)
+
+
+def _validate_pacing(key: str, up: UpstreamConfig) -> None:
     if up.rate:
         try:
             pacing.parse_rate(up.rate)
         except ValueError as exc:
-            raise ConfigError("upstream.rate", str(exc)) from None
-    _check(up.burst >= 1, "upstream.burst", "must be >= 1")
-    _check(up.daily >= 0, "upstream.daily", "must be >= 0 (0: no daily limit)")
-    _check(up.daily_unit in pacing.UNITS, "upstream.daily_unit", "|".join(pacing.UNITS))
-    _check(up.daily_window in pacing.WINDOWS, "upstream.daily_window", "|".join(pacing.WINDOWS))
-    _check(pc.fleet_size >= 1, "pacing.fleet_size", "must be >= 1")
-    if pc.redis:
-        _check(
-            pc.redis.startswith(("redis://", "rediss://", "unix://")),
-            "pacing.redis",
-            "expected redis://host:port/db (or rediss://, unix://)",
-        )
+            raise ConfigError(f"{key}.rate", str(exc)) from None
+    _check(up.burst >= 1, f"{key}.burst", "must be >= 1")
+    _check(up.daily >= 0, f"{key}.daily", "must be >= 0 (0: no daily limit)")
+    _check(up.daily_unit in pacing.UNITS, f"{key}.daily_unit", "|".join(pacing.UNITS))
+    _check(up.daily_window in pacing.WINDOWS, f"{key}.daily_window", "|".join(pacing.WINDOWS))
 
 
 def parse_hostport(key: str, value: str) -> tuple[str, int]:

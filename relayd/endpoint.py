@@ -46,8 +46,11 @@ class Endpoint:
     """A small threaded HTTP server for /metrics, /healthz and /readyz.
 
     /healthz answers 200 while the daemon is alive (alive() returns "", else the reason, which
-    a 503 carries: a stuck event loop, no delivery process ready), /readyz while it accepts
-    mail (ready()); /metrics calls refresh() first so the gauges are current.
+    a 503 carries: a stuck event loop, no delivery process ready), /readyz while it
+    accepts mail (ready()); /readyz?upstreams also needs every route to have an upstream usable
+    now (unroutable() says which has none). Plain /readyz does not look at upstreams on
+    purpose: it is what Kubernetes routes traffic by, and a provider outage is exactly when apps
+    must still be able to hand mail to the spool. /metrics calls refresh() first.
     """
 
     def __init__(
@@ -57,6 +60,7 @@ class Endpoint:
         ready: Callable[[], bool],
         alive: Callable[[], str],
         refresh: Callable[[], None],
+        unroutable: Callable[[], str] = lambda: "",
     ) -> None:
         endpoint = self
 
@@ -68,6 +72,7 @@ class Endpoint:
                 return None
 
         self.ready, self.alive, self.refresh = ready, alive, refresh
+        self.unroutable = unroutable
         try:
             self.httpd = (_Server6 if ":" in host else _Server)((host, port), _Handler)
         except OSError as exc:
@@ -86,7 +91,7 @@ class Endpoint:
         self.httpd.server_close()
 
     def handle(self, req: BaseHTTPRequestHandler) -> None:
-        path = req.path.split("?", 1)[0]
+        path, _, query = req.path.partition("?")
         if path == "/metrics":
             self.refresh()
             body, ctype, status = generate_latest(REGISTRY), CONTENT_TYPE_LATEST, 200
@@ -96,8 +101,11 @@ class Endpoint:
             ctype, status = "text/plain; charset=utf-8", 503 if problem else 200
         elif path == "/readyz":
             ok = self.ready()
-            body = b"ready\n" if ok else b"not ready\n"
-            ctype, status = "text/plain; charset=utf-8", 200 if ok else 503
+            why = self.unroutable() if ok and "upstreams" in query else ""
+            body = b"ready\n" if ok and not why else b"not ready\n"
+            if why:
+                body = f"not ready: {why}\n".encode()
+            ctype, status = "text/plain; charset=utf-8", 200 if ok and not why else 503
         else:
             body, ctype, status = b"not found\n", "text/plain; charset=utf-8", 404
         req.send_response(status)

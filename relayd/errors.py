@@ -45,7 +45,8 @@ class UpstreamError(RelaydError):
     ``step`` names where it failed (connect, tls, ehlo, auth, mail, rcpt, data),
     ``code``/``text`` carry the server's reply when there was one. ``synthetic`` is true when
     relayd made the words itself (connection lost, timed out, no STARTTLS): only a reply the
-    server sent may be classified by the reply rules (relayd.replies).
+    server sent may be classified by the reply rules (relayd.replies). ``reauth``: only an
+    operator can fix it (a revoked OAuth grant): the upstream waits in state reauth.
     """
 
     def __init__(
@@ -58,6 +59,7 @@ class UpstreamError(RelaydError):
         text: str = "",
         hint: str = "",
         synthetic: bool | None = None,
+        reauth: bool = False,
     ) -> None:
         super().__init__(message)
         self.step = step
@@ -66,3 +68,4 @@ class UpstreamError(RelaydError):
         self.text = text
         self.hint = hint
         self.synthetic = code is None if synthetic is None else synthetic
+        self.reauth = reauth

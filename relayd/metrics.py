@@ -57,6 +57,12 @@ PACING_FALLBACK = Gauge(
 )
 QUEUE_DEPTH = Gauge("relayd_queue_depth", "Messages in the spool by state.", ["state"])
 OLDEST_AGE = Gauge("relayd_queue_oldest_age_seconds", "Age of the oldest queued message.")
+UPSTREAM_STATE = Gauge(
+    "relayd_upstream_state",
+    "1 for the state each upstream's circuit breaker is in (ok, open, half_open, paused, "
+    "throttled, reauth), 0 for the others.",
+    ["upstream", "state"],
+)
 
 # The delivery process counts these; the listener process, which serves /metrics, applies them.
 FORWARDED = (
@@ -107,7 +113,8 @@ def apply(events: Any) -> None:
 
 def set_upstream(up: dict[str, Any]) -> None:
     """The upstream gauges from a delivery status's "upstream" entry."""
-    name = str(up.get("name") or "")
+    # label: the single upstream: section's host, as before several upstreams; else the name
+    name = str(up.get("label") or up.get("name") or "")
     UPSTREAM_PAUSED.labels(upstream=name).set(1 if up.get("state") == "paused" else 0)
     UPSTREAM_REAUTH_NEEDED.labels(upstream=name).set(1 if up.get("reauth") else 0)
     SENT_TODAY.labels(upstream=name).set(float(up.get("sent_today") or 0))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,10 +74,12 @@ def decide(
     now: float,
     retry: RetryConfig,
     rand: float | None = None,
+    trail: Mapping[str, Any] | None = None,
 ) -> Decision:
     """The decision for env after an attempt that ended with outcomes (one per recipient tried).
 
-    rand fixes backoff()'s jitter (tests); None draws it.
+    rand fixes backoff()'s jitter (tests); None draws it. trail is recorded in the attempt's
+    history entry (the upstream used, those failed over from, the sender it was sent as).
     """
     by_addr = {o.address: o for o in outcomes}
     rcpts = tuple(_updated(r, by_addr.get(r.address)) for r in env.rcpt_to)
@@ -95,7 +97,7 @@ def decide(
     if not temporary and all(r.state == RcptState.DELIVERED for r in rcpts):
         return Decision(AttemptResult.SENT, env, **facts)  # removed: no history to write
     result = AttemptResult.DEFERRED if temporary else AttemptResult.FAILED
-    env = _attempted(env, rcpts, result, worst, now)
+    env = _attempted(env, rcpts, result, worst, now, trail or {})
     if not env.pending:
         reason = refusal_reason(env)
         env = dataclasses.replace(env, reason=reason)
@@ -115,9 +117,11 @@ def _attempted(
     result: AttemptResult,
     worst: Outcome | None,
     now: float,
+    trail: Mapping[str, Any],
 ) -> Envelope:
     """env after one more attempt: recipients' states, the attempt count, history, last error."""
     entry: dict[str, Any] = {"at": iso(now), "attempt": env.attempts + 1, "result": result}
+    entry.update(trail)
     if worst is not None:
         entry.update(step=worst.step, code=worst.code, text=worst.text)
     env = dataclasses.replace(

@@ -1,9 +1,11 @@
-"""Playing by one upstream's rules: its reply table, its gate and its limiter, together.
+"""Playing by one upstream's rules: its reply table and its limiter, together.
 
-The relay asks ``admit`` before it hands a message to a worker (is the upstream open, does the
-rate or the daily quota allow one more now?), ``lease``/``release`` around a session, and
-``judge``/``judge_error`` about what the server answered; ``enact`` carries out a verdict
-about the upstream (pause, throttle, reauth). One Provider per upstream.
+The relay asks ``admit`` before it hands a message to an upstream's worker (does the rate or
+the daily quota allow one more now?), ``lease``/``release`` around a session, and
+``judge``/``judge_error`` about what the server answered; ``enact`` carries out a verdict on
+the limiter and says until when it holds. Whether the upstream may be used at all (paused,
+reauth, open) is its breaker's (relayd.breaker), which the workers tell. One Provider per
+upstream (pool.Upstream), its rules chosen by the upstream's preset.
 """
 
 from __future__ import annotations
@@ -17,9 +19,8 @@ from typing import Any
 import structlog
 
 from relayd import metrics, pacing, replies
-from relayd.config import Config
+from relayd.config import Config, UpstreamConfig
 from relayd.errors import UpstreamError
-from relayd.gate import Gate
 from relayd.states import OutcomeStatus
 from relayd.upstream import Outcome
 
@@ -29,9 +30,11 @@ log = structlog.get_logger()
 _RANK = {"pause": 0, "reauth": 1, "throttle": 2}
 
 
-def limiter_for(cfg: Config, clock: Callable[[], float]) -> pacing.Limiter:
+def limiter_for(
+    cfg: Config, clock: Callable[[], float], up: UpstreamConfig | None = None
+) -> pacing.Limiter:
     """A LocalLimiter, or a SharedLimiter when pacing.redis is set."""
-    up = cfg.upstream
+    up = up or cfg.upstream
     limits = pacing.Limits.of(
         up.rate, up.burst, up.daily, up.daily_unit, up.daily_window, up.max_connections
     )
@@ -46,33 +49,36 @@ def limiter_for(cfg: Config, clock: Callable[[], float]) -> pacing.Limiter:
 
 
 class Provider:
-    """One upstream's rules, gate and limiter, as the relay uses them."""
+    """One upstream's rules and limiter, as the relay uses them."""
 
-    def __init__(self, cfg: Config, clock: Callable[[], float] = time.time) -> None:
-        self.name = cfg.upstream.host or "outbox"
+    def __init__(
+        self,
+        cfg: Config,
+        clock: Callable[[], float] = time.time,
+        up: UpstreamConfig | None = None,
+    ) -> None:
         self.clock = clock
-        self.gate = Gate(self.name, clock)
-        self.configure(cfg)
-        self.waiting = ""  # why the head of the queue waits, for `queue list` and health
+        self.reauths = 0  # refusals of the login in a row, for the probe's backoff
+        self.configure(cfg, up)
+        self.waiting = ""  # why the head of its queue waits, for `queue list` and health
 
-    def configure(self, cfg: Config) -> None:
-        """(Re)read rules and limits; a reload may carry the fixed password (reauth ends)."""
-        old = getattr(self, "cfg", None)
-        self.cfg = cfg
-        self.rules = replies.table(replies.compile_rules(cfg.upstream.replies))
+    def configure(self, cfg: Config, up: UpstreamConfig | None = None) -> None:
+        """(Re)read rules and limits (a reload)."""
+        up = up or cfg.upstream
+        old: UpstreamConfig | None = getattr(self, "up", None)
+        old_pacing: Any = getattr(self, "pacing_cfg", None)
+        self.cfg, self.up = cfg, up
+        # The single upstream: section keeps the name it had before several upstreams.
+        self.name = (up.host or "outbox") if up.name == "default" else up.name
+        self.rules = replies.table(replies.compile_rules(up.replies), up.preset)
         # A reload that leaves the limits alone keeps the limiter: its TAT and today's count.
-        if old is None or _pacing_key(old) != _pacing_key(cfg):
-            self.limiter: pacing.Limiter = limiter_for(cfg, self.clock)
-        up = cfg.upstream
+        if old is None or _pacing_key(old_pacing, old) != _pacing_key(cfg.pacing, up):
+            self.limiter: pacing.Limiter = limiter_for(cfg, self.clock, up)
+        self.pacing_cfg: Any = cfg.pacing
         self.paced = bool(up.rate or up.daily or cfg.pacing.redis)
-        self.gate.reset()
 
     async def admit(self, recipients: int) -> float:
         """0.0 when one more message may go now (its slot is taken), else seconds to wait."""
-        closed = self.gate.closed_for()
-        if closed:
-            self.waiting = f"{self.name} is {self.gate.state} until {_clock(self.gate.until)}"
-            return closed
         if self.paced:
             wait = await self.limiter.acquire(recipients)
             if wait is not None:
@@ -81,9 +87,6 @@ class Provider:
                     f"next slot in {math.ceil(wait.seconds)} s"
                 )
                 return max(wait.seconds, 0.001)
-        if not self.gate.claim():
-            self.waiting = f"{self.name} is {self.gate.state}: one message is probing it"
-            return self.gate.closed_for() or 1.0
         self.waiting = ""
         return 0.0
 
@@ -115,7 +118,8 @@ class Provider:
         return min(verdicts, key=lambda v: _RANK[v.action])
 
     async def enact(self, verdict: replies.Verdict) -> float:
-        """Carry out an upstream verdict; returns when the held message may be tried again."""
+        """Carry out an upstream verdict on the limiter; returns until when it holds (for a
+        throttle: now, the message is retried at its next slot)."""
         now = self.clock()
         rt = self.cfg.retry
         if verdict.action == "throttle":
@@ -129,34 +133,20 @@ class Provider:
             return now
         if verdict.action == "reauth":
             metrics.REAUTH.inc()
-            seconds = verdict.seconds or min(
-                rt.max_delay, rt.initial_delay * 2.0**self.gate.reauths
-            )
-            return self.gate.close("reauth", seconds, verdict.reply)
-        return self.gate.close("paused", verdict.seconds or replies.DAILY_PAUSE, verdict.reply)
+            self.reauths += 1
+            backoff = min(rt.max_delay, rt.initial_delay * 2.0 ** (self.reauths - 1))
+            return now + (verdict.seconds or backoff)
+        return now + (verdict.seconds or replies.DAILY_PAUSE)
 
     def settle(self, delivered: bool) -> None:
-        """After an attempt: a delivery opens the gate; a probe that decided nothing ends."""
+        """After an attempt: a delivery ends the run of refused logins."""
         if delivered:
-            self.gate.opened()
-        else:
-            self.gate.probe_ended()
+            self.reauths = 0
 
     def snapshot(self) -> dict[str, Any]:
-        """State, paused-until, today's count and the rate in force, for health and metrics."""
-        gate = self.gate.snapshot()
-        pace = self.limiter.state()
-        throttled = bool(pace.get("throttled_until"))
-        return {
-            "name": self.name,
-            "state": "throttled" if gate["state"] == "ok" and throttled else gate["state"],
-            "paused_until": gate["until"] if gate["state"] == "paused" else None,
-            "reauth": gate["state"] == "reauth",
-            "reason": gate["reason"],
-            "waiting": self.waiting,
-            "pid": os.getpid(),
-            **pace,
-        }
+        """Why a due message waits, today's count and the rate in force (the state is the
+        breaker's: pool.snapshot puts both together)."""
+        return {"waiting": self.waiting, "pid": os.getpid(), **self.limiter.state()}
 
     async def close(self) -> None:
         close = getattr(self.limiter, "close", None)
@@ -170,11 +160,6 @@ class Provider:
             await refresh()
 
 
-def _pacing_key(cfg: Config) -> tuple[Any, ...]:
-    up = cfg.upstream
+def _pacing_key(pc: Any, up: UpstreamConfig) -> tuple[Any, ...]:
     limits = (up.rate, up.burst, up.daily, up.daily_unit, up.daily_window, up.max_connections)
-    return (*limits, up.host, up.username, up.account, cfg.pacing)
-
-
-def _clock(t: float) -> str:
-    return time.strftime("%H:%M:%S UTC", time.gmtime(t))
+    return (*limits, up.host, up.username, up.account, pc)

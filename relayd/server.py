@@ -20,7 +20,7 @@ from typing import Any, cast
 import structlog
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
-from relayd import auth, metrics
+from relayd import auth, metrics, rewrite, routes
 from relayd.aiosmtpd_fence import HookDir, Protocol
 from relayd.config import ListenConfig
 from relayd.errors import SpoolError
@@ -38,6 +38,8 @@ R_TOO_MANY_RCPTS = "452 4.5.3 Too many recipients"
 R_RELAY_DENIED = "550 5.7.1 Relaying denied: {ip} may not submit here"
 R_AUTH_REQUIRED = "530 5.7.0 Authentication required"
 R_TOO_BIG = "552 5.3.4 Message size exceeds fixed maximum message size"
+HEADER_SCAN = 256 * 1024  # bytes of a message searched for its From (routes on header From)
+R_NO_ROUTE = "550 5.7.1 Sender not accepted here: {reason}"
 R_SHUTTING_DOWN = "421 4.3.2 Service shutting down, try again later"
 R_TOO_MANY_SESSIONS = "421 4.7.0 Too many connections, try again later"
 # RFC 3463: X.1.7 bad sender's and X.1.3 bad destination mailbox address syntax. A control
@@ -70,8 +72,11 @@ class Handler(HookDir):
         spool: Spool,
         on_accepted: Callable[[Queued], None],
         clock: Callable[[], float] = time.time,
+        router: routes.Table | None = None,
     ) -> None:
         self.cfg = cfg
+        # Which senders some route can take (replaced on reload); None takes every sender.
+        self.router = router if router is not None and not router.takes_everyone else None
         self.spool = spool
         self.on_accepted = on_accepted
         self.clock = clock
@@ -130,9 +135,28 @@ class Handler(HookDir):
         if unsendable(address):
             metrics.REJECTED.labels(reason="address").inc()
             return R_BAD_SENDER
+        refusal = self.router.refusal_at_mail(address) if self.router else ""
+        if refusal:
+            return self._unroutable(session, "MAIL", refusal)
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 2.1.0 Ok"
+
+    async def _header_route_refusal(self, sender: str, data: bytes | bytearray) -> str:
+        """Why no route takes this message, for routes that match on the header From."""
+        router = self.router
+        if router is None or not router.uses_header_from:
+            return ""
+        # A header scan, like missing_headers in _put: off the loop, bounded in bytes.
+        header_from = await asyncio.to_thread(rewrite.header_from, bytes(data[:HEADER_SCAN]))
+        return router.decide(sender, header_from).refusal
+
+    def _unroutable(self, session: Session, command: str, refusal: str) -> str:
+        # Refused now, while the client can still tell its user: never a bounce later.
+        ip = _peer(session).rsplit(":", 1)[0]
+        log.warning("client.refused", peer=ip, command=command, reason=f"route: {refusal}")
+        metrics.REJECTED.labels(reason="route").inc()
+        return R_NO_ROUTE.format(reason=refusal)
 
     def authenticate(
         self, server: SMTP, session: Session, envelope: Envelope, mechanism: str, data: Any
@@ -183,6 +207,9 @@ class Handler(HookDir):
         )
         if len(data) > self.cfg.max_message_size:
             return R_TOO_BIG
+        refusal = await self._header_route_refusal(envelope.mail_from or "", data)
+        if refusal:
+            return self._unroutable(session, "DATA", refusal)
         now = self.clock()
         msg_id = self.spool.new_id()
         try:

@@ -83,7 +83,11 @@ class DeliveryProcess:
 
     def enqueue(self, env: Envelope) -> None:
         self.status = dataclasses.replace(self.status, queued=self.status.queued + 1)
-        self._send(wire.Queued(env.id, env.next_attempt_at, env.created_at, len(env.pending)))
+        self._send(
+            wire.Queued(
+                env.id, env.next_attempt_at, env.created_at, env.mail_from, len(env.pending)
+            )
+        )
 
     def flush(self) -> None:
         self._send(wire.Flush())

@@ -19,7 +19,7 @@ from typing import Any
 import aiosmtplib
 import structlog
 
-from relayd import oauth
+from relayd import oauth, presets
 from relayd.aiosmtplib_fence import hand_over
 from relayd.config import UpstreamConfig
 from relayd.errors import UpstreamError
@@ -277,7 +277,7 @@ class Session:
             return await smtp.login(cfg.username, cfg.password)
         except aiosmtplib.SMTPAuthenticationError as exc:
             # Postfix soft-bounces SASL failures: the mail waits, an operator fixes the login.
-            hint = auth_hint(cfg.host, exc.code, exc.message)
+            hint = presets.auth_hint(cfg.preset) or auth_hint(cfg.host, exc.code, exc.message)
             raise _refused("AUTH refused", "auth", exc, hint=hint) from exc
         except aiosmtplib.SMTPException as exc:
             raise UpstreamError(
@@ -296,10 +296,10 @@ class Session:
             cfg.oauth2.mechanism, smtp.server_auth_methods
         )
         source = oauth.source_for(cfg.oauth2, cfg.timeout)
-        token = await _token(source.token())
+        token = await _token(source.token(), cfg.name)
         reply = await self._bearer(smtp, mechanism, token)
         if reply.code != 235:
-            token = await _token(source.renew(token))
+            token = await _token(source.renew(token), cfg.name)
             reply = await self._bearer(smtp, mechanism, token)
         if reply.code != 235:
             raise UpstreamError(
@@ -417,13 +417,15 @@ def _bearer_mechanism(configured: SaslMechanism, offered: list[str]) -> SaslMech
     )
 
 
-async def _token(pending: Any) -> str:
+async def _token(pending: Any, name: str) -> str:
     """Await a token; the token endpoint's refusal or outage as an UpstreamError."""
     try:
         token: str = await pending
     except oauth.ReauthRequired as exc:
+        # The token source does not know the upstream's name; its fix names the default one.
+        fix = exc.fix.replace("oauth login default", f"oauth login {name}")
         raise UpstreamError(
-            f"OAuth: {exc}", step="auth", temporary=True, text=str(exc), hint=exc.fix
+            f"OAuth: {exc}", step="auth", temporary=True, text=str(exc), hint=fix, reauth=True
         ) from None
     except oauth.TokenError as exc:
         hint = "the token endpoint is unreachable or failing; relayd keeps retrying"

@@ -35,11 +35,17 @@ class DeliveryStatus:
     consecutive_failures: int = 0
     last_error: dict[str, Any] | None = None
     last_delivery_at: float | None = None
-    # The upstream's state (relayd.provider.Provider.snapshot): ok|paused|throttled|reauth,
-    # paused_until, reason, why a due message waits, today's count, the rate in force.
-    upstream: dict[str, Any] | None = None
+    # Per upstream, in config order: its breaker's snapshot (breaker.BreakerSnapshot) with its
+    # pacing (provider.Provider.snapshot): state, paused_until, reason, why a due message
+    # waits, today's count, the rate in force.
+    upstreams: tuple[dict[str, Any], ...] = ()
     # The spool refuses to record an outcome: {"errno", "text", "since", "held"}, else None.
     spool_error: dict[str, Any] | None = None
+
+    @property
+    def upstream(self) -> dict[str, Any] | None:
+        """The first upstream's entry (the only one of a single upstream: config)."""
+        return self.upstreams[0] if self.upstreams else None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -49,7 +55,8 @@ class DeliveryStatus:
             "consecutive_failures": self.consecutive_failures,
             "last_error": self.last_error,
             "last_delivery_at": self.last_delivery_at,
-            "upstream": self.upstream,
+            "upstreams": list(self.upstreams),
+            "upstream": self.upstream,  # the first, as before several upstreams
             "spool_error": self.spool_error,
         }
 
@@ -62,7 +69,7 @@ class DeliveryStatus:
             consecutive_failures=int(doc.get("consecutive_failures") or 0),
             last_error=_dict_or_none(doc.get("last_error")),
             last_delivery_at=_float_or_none(doc.get("last_delivery_at")),
-            upstream=doc.get("upstream") if isinstance(doc.get("upstream"), dict) else None,
+            upstreams=tuple(u for u in doc.get("upstreams") or () if isinstance(u, dict)),
             spool_error=_dict_or_none(doc.get("spool_error")),
         )
 
@@ -135,10 +142,15 @@ class Queued:
     id: str
     due: float
     created: float
+    sender: str | None = None  # lets the delivery process guess the route before loading
     rcpts: int = 1  # pending recipients, for a daily quota counted per recipient
 
     def to_json(self) -> dict[str, Any]:
-        return {"new": self.id, "due": self.due, "created": self.created, "rcpts": self.rcpts}
+        doc: dict[str, Any] = {"new": self.id, "due": self.due, "created": self.created}
+        if self.sender is not None:
+            doc["sender"] = self.sender
+        doc["rcpts"] = self.rcpts
+        return doc
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,8 +185,14 @@ Command = Queued | Flush | Rescan | Reconfigure
 def command_from_json(doc: dict[str, Any]) -> Command | None:
     """The command a pipe line carries; None for one this version does not know."""
     if "new" in doc:
-        due, created = float(doc["due"]), float(doc["created"])
-        return Queued(str(doc["new"]), due, created, int(doc.get("rcpts") or 1))
+        sender = doc.get("sender")
+        return Queued(
+            str(doc["new"]),
+            float(doc["due"]),
+            float(doc["created"]),
+            sender if isinstance(sender, str) else None,
+            int(doc.get("rcpts") or 1),
+        )
     cmd = doc.get("cmd")
     if cmd == "flush":
         return Flush()

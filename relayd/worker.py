@@ -19,6 +19,7 @@ from typing import Any
 import structlog
 
 from relayd import eventloop, logs, metrics, wire
+from relayd.config import Config, UpstreamConfig
 from relayd.outbox import Outbox
 from relayd.relay import Deliverer, Relay
 from relayd.spool import Spool
@@ -49,7 +50,7 @@ async def _commands(relay: Relay, stop: asyncio.Event, stdin: asyncio.StreamRead
 async def _obey(relay: Relay, command: wire.Command | None) -> None:
     if isinstance(command, wire.Queued):
         if command.id not in relay.inflight:
-            relay.add(command.id, command.due, command.created, command.rcpts)
+            relay.add(command.id, command.due, command.created, command.sender, command.rcpts)
     elif isinstance(command, wire.Flush):
         relay.flush()
     elif isinstance(command, wire.Rescan):
@@ -57,11 +58,17 @@ async def _obey(relay: Relay, command: wire.Command | None) -> None:
         log.info("queue.rescanned", queued=depth)
     elif isinstance(command, wire.Reconfigure):
         new = command.config
-        logs.add_auth_forms(new.upstream.username, new.upstream.password)
-        if new.pacing.redis_password:
-            logs.add_secrets([new.pacing.redis_password])
+        _register_secrets(new)
         relay.reconfigure(new)
         logs.setup(new.log.format, new.log.level)
+
+
+def _register_secrets(cfg: Config) -> None:
+    for up in cfg.upstreams:
+        logs.add_auth_forms(up.username, up.password)
+        logs.add_secrets([up.oauth2.client_secret])  # tokens: oauth.TokenSource
+    if cfg.pacing.redis_password:
+        logs.add_secrets([cfg.pacing.redis_password])
 
 
 def _report_once(relay: Relay, events: list[Any]) -> None:
@@ -105,16 +112,14 @@ async def _main() -> int:
     # or the listener's watchdog (relay.hang_timeout) would take us for stuck.
     alive = asyncio.create_task(_alive())
     logs.setup(cfg.log.format, cfg.log.level)
-    logs.add_auth_forms(cfg.upstream.username, cfg.upstream.password)
-    if cfg.pacing.redis_password:
-        logs.add_secrets([cfg.pacing.redis_password])
+    _register_secrets(cfg)
     spool = Spool(cfg.spool.path)
     await asyncio.to_thread(_lock, spool)
     events: list[Any] = []
     metrics.forward(events)
 
-    def connect() -> Deliverer:
-        return Outbox(spool) if dev else Session(relay.cfg.upstream, relay.cfg.ehlo_name)
+    def connect(up: UpstreamConfig) -> Deliverer:
+        return Outbox(spool) if dev else Session(up, up.ehlo_name or cfg.listen.hostname)
 
     relay = Relay(spool, cfg, connect)
     _emit(wire.Ready(await relay.load()))

@@ -26,6 +26,8 @@ from relayd.config import Config
 
 USER, PASSWORD = "app@example.com", "s3cret-Pa55word!"
 SUBMITTER, SUBMITTER_PASSWORD = "webapp", "subm1tter-Secret!"
+# A second provider account, for tests with several upstreams.
+USER2, PASSWORD2 = "billing@example.net", "an0ther-Pr0vider-Key!"
 
 
 def forms(user: str, password: str) -> list[str]:
@@ -60,6 +62,7 @@ SECRET_FORMS = [
     *forms(SUBMITTER, SUBMITTER_PASSWORD),
     *bearer_forms(USER, OAUTH_CLIENT_SECRET),
     *bearer_forms(USER, OAUTH_FIRST_REFRESH),
+    *forms(USER2, PASSWORD2),
 ]
 
 
@@ -131,6 +134,7 @@ class Received:
     data: bytes
     login: str | None
     at: float = 0.0  # time.monotonic() of the 250 to DATA
+    tls: bool = False  # the session was encrypted (implicit TLS or after STARTTLS)
 
 
 @dataclass
@@ -142,6 +146,8 @@ class Sink:
     auth_failures: int = 0
     mail_commands: int = 0
     password: str = PASSWORD
+    user: str = USER
+    peak: int = 0  # most sessions open at once, sampled at each MAIL
     data_replies: list[str] = field(default_factory=list)
     rcpt_replies: dict[str, str] = field(default_factory=dict)
     sessions: int = 0
@@ -157,6 +163,10 @@ class Sink:
         self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
     ) -> str:
         self.mail_commands += 1
+        open_now = sum(
+            1 for p in self.protocols if p.transport is not None and not p.transport.is_closing()
+        )
+        self.peak = max(self.peak, open_now)
         envelope.mail_from = address
         envelope.mail_options.extend(options)
         return "250 OK"
@@ -184,6 +194,7 @@ class Sink:
                 envelope.original_content,
                 login,
                 time.monotonic(),
+                session.ssl is not None,
             )
         )
         return "250 2.0.0 queued upstream"
@@ -191,7 +202,7 @@ class Sink:
     def authenticate(
         self, server: Any, session: Any, envelope: Any, mechanism: str, auth_data: Any
     ) -> AuthResult:
-        ok = auth_data.login.decode() == USER and auth_data.password.decode() == self.password
+        ok = auth_data.login.decode() == self.user and auth_data.password.decode() == self.password
         if ok:
             self.logins.append(auth_data.login.decode())
             return AuthResult(success=True, auth_data=auth_data.login)

@@ -111,9 +111,10 @@ class FaultServer:
 
     # -- life cycle -----------------------------------------------------------------------
 
-    async def start(self) -> FaultServer:
+    async def start(self, port: int = 0) -> FaultServer:
+        """Listen on 127.0.0.1:port (0: any free port, read back into self.port)."""
         sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
+        sock.bind(("127.0.0.1", port))
         sock.listen(512)
         sock.setblocking(False)
         self._listener = sock

@@ -213,3 +213,59 @@ async def test_check_on_invalid_grant_prints_the_fix(
     code, out = await relayd_check(env_for(tmp_path, pki, provider, osink))
     assert code == 1
     assert "failed at auth" in out and "hint: " in out and "relayd oauth login default" in out
+
+
+async def test_invalid_grant_puts_the_upstream_in_reauth_and_fails_over(
+    tmp_path: Path, pki: Pki, provider, osink
+) -> None:
+    """Two upstreams, the first with a revoked grant: it is in reauth (health --json), the
+    message goes out through the second within the first attempt."""
+    import json
+
+    import yaml
+    from conftest import PASSWORD, Sink, start_sink, stop_sink
+
+    provider.error = "invalid_grant"
+    flat = oauth_settings(provider, pki.ca_file, tmp_path / "refresh-token")
+    oauth2 = {k.removeprefix("upstream_oauth2_"): v for k, v in flat.items() if "oauth2_" in k}
+    common = {"host": "127.0.0.1", "ca_file": str(pki.ca_file), "username": USER, "timeout": 5}
+    backup = await start_sink(Sink(), pki.server_ctx)
+    doc = {
+        "upstreams": [
+            {"name": "m365", **common, "port": osink.port, "auth": "oauth2", "oauth2": oauth2},
+            {"name": "backup", **common, "port": backup.port, "password": PASSWORD},
+        ],
+        "retry": {"initial_delay": 60, "max_delay": 120},
+    }
+    path = tmp_path / "relayd.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    env = {"RELAYD_LISTEN_PORT": "0", "RELAYD_SPOOL_PATH": str(tmp_path / "spool")}
+    proc = await ServeProcess(env, ["--config", str(path)]).start()
+    try:
+        await submit(proc.port, USER, ["u@example.org"], message("over"))
+        await eventually(lambda: backup.messages, what="delivery through backup")
+        sent = proc.events("delivery.sent")
+        assert sent and sent[0]["attempt"] == 1 and sent[0]["upstream"] == "backup"
+        changes = proc.events("upstream.state_changed")
+        assert [(c["upstream"], c["state"], c["level"]) for c in changes] == [
+            ("m365", "reauth", "error")
+        ]
+
+        async def reauth() -> dict[str, object] | None:
+            done = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "relayd", "health", "--json",
+                env={**os.environ, **env}, stdout=asyncio.subprocess.PIPE,
+            )  # fmt: skip
+            out, _ = await done.communicate()
+            doc = json.loads(out)
+            ups = {u["name"]: u for u in doc["status"]["upstreams"]} if doc["status"] else {}
+            return doc if ups.get("m365", {}).get("state") == "reauth" else None
+
+        doc = await eventually(reauth, what="m365 in reauth in health --json")
+        assert "upstream m365 reauth" in str(doc["line"])
+        failed = proc.events("upstream.auth_failed")
+        assert failed and "relayd oauth login m365" in failed[0]["hint"]
+        assert osink.messages == [] and spooled(tmp_path, "failed") == []
+    finally:
+        await proc.stop()
+        await stop_sink(backup)

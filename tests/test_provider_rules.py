@@ -7,7 +7,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from conftest import eventually, make_config, message, queue_files, running, submit
+from conftest import (
+    Sink,
+    eventually,
+    make_config,
+    message,
+    queue_files,
+    running,
+    start_sink,
+    stop_sink,
+    submit,
+)
 from structlog.testing import capture_logs
 
 from relayd.spool import Spool
@@ -179,7 +189,7 @@ async def test_a_message_spooled_during_a_pacing_await_is_not_lost(tmp_path):
             await answer.wait()
             return self.take(recipients)
 
-    relay = Relay(spool, cfg, lambda: Outbox(spool))
+    relay = Relay(spool, cfg, lambda up: Outbox(spool))
     relay.provider.limiter = Answering(relay.provider.limiter.limits)  # type: ignore[attr-defined]
     now = time.time()
     late = spool.put("a@example.com", ["x@example.org"], message("late"), now)
@@ -194,3 +204,46 @@ async def test_a_message_spooled_during_a_pacing_await_is_not_lost(tmp_path):
     stop.set()
     await run
     assert len(list((Path(cfg.spool.path) / "outbox").iterdir())) == 2
+
+
+async def test_daily_limit_on_the_first_upstream_fails_over_to_the_second_at_once(tmp_path, pki):
+    """550 5.4.5 from the first of two upstreams: nothing in failed/, no attempt counted, the
+    second gets the mail at once; the first is paused (no connection to it during the pause),
+    and once the pause is over it carries mail again."""
+    from test_routes import entry, load
+
+    first = await start_sink(Sink(), pki.server_ctx)
+    second = await start_sink(Sink(), pki.server_ctx)
+    first.data_replies = ["550 5.4.5 Daily user sending limit exceeded. For more information"]
+    rule = {"match": r"^550 5\.4\.5", "action": "pause", "for": 2}
+    ups = [entry("first", first, pki, replies=[rule]), entry("second", second, pki)]
+    cfg = load(tmp_path, upstreams=ups)
+    try:
+        with capture_logs() as logs:
+            async with running(cfg) as d:
+                await send(d, 1)
+                await eventually(lambda: second.messages, what="the mail via the second")
+                paused_at = time.monotonic()
+                states = {u["name"]: u for u in d.relay.snapshot().upstreams}
+                assert states["first"]["state"] == "paused"
+                assert states["first"]["paused_until"] > time.time() + 1
+                await send(d, 2)  # during the pause: the second carries these as well
+                await eventually(lambda: len(second.messages) == 3, what="two more via second")
+                assert first.sessions == 1 and first.messages == []
+                await eventually(
+                    lambda: time.monotonic() > paused_at + 2.0, what="the pause to pass"
+                )
+                await send(d, 1)
+                await eventually(lambda: first.messages, what="the first used again")
+                await eventually(lambda: not queue_files(cfg), what="spool emptied")
+    finally:
+        await stop_sink(first)
+        await stop_sink(second)
+    assert queue_files(cfg, "failed") == [] and len(second.messages) == 3
+    assert [t for t in first.connected_at if t < paused_at + 1.9] == first.connected_at[:1]
+    sent = [e for e in logs if e["event"] == "delivery.sent"]
+    assert [e["upstream"] for e in sent] == ["second", "second", "second", "first"]
+    assert sent[0]["attempt"] == 1  # the pause counted no attempt
+    assert not any(e["event"] in ("delivery.deferred", "delivery.held") for e in logs)
+    assert [e["event"] for e in logs].count("upstream.paused") == 1
+    assert not list(Spool(Path(cfg.spool.path)).scan("failed"))

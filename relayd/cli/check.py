@@ -16,14 +16,15 @@ from typing import Any
 
 from relayd import fences, logs
 from relayd.cli.common import load_config, say
-from relayd.config import Config
+from relayd.config import Config, UpstreamConfig
 from relayd.errors import ConfigError, UpstreamError
 from relayd.states import OutcomeStatus
 from relayd.upstream import Session, StepTiming
 
 
 def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser("check", parents=[common], help="diagnose the upstream step by step")
+    p = sub.add_parser("check", parents=[common], help="diagnose each upstream step by step")
+    p.add_argument("name", nargs="?", help="only the upstream of this name (default: every one)")
     p.add_argument("--to", metavar="ADDR", help="also send a real test message to ADDR")
     p.add_argument("--from", dest="mail_from", metavar="ADDR", help="sender for --to")
     p.set_defaults(func=run)
@@ -31,28 +32,48 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args)
-    up = cfg.upstream
-    if not up.host:
+    ups = [u for u in cfg.upstreams if args.name in (None, u.name)]
+    if not ups:
+        known = ", ".join(u.name for u in cfg.upstreams)
+        say(f"relayd check: no upstream is called {args.name!r} (configured: {known})")
+        return 2
+    if not ups[0].host:
         raise ConfigError("upstream.host", "required for relayd check")
-    logs.add_auth_forms(up.username, up.password)
+    for up in cfg.upstreams:
+        logs.add_auth_forms(up.username, up.password)
     # As serve does: never diagnose with a library relayd cannot use.
     for note in asyncio.run(fences.check()):
         say(f"note: {note}")
-    verify = "on" if up.verify else "OFF (any certificate is accepted)"
-    say(f"checking {up.host}:{up.port} (tls: {up.tls}, verify: {verify})")
-    return asyncio.run(_check(cfg, args.to, args.mail_from))
+    return asyncio.run(_check_all(cfg, ups, args.to, args.mail_from))
 
 
-async def _check(cfg: Config, to: str | None, mail_from: str | None) -> int:
-    session = Session(cfg.upstream, cfg.ehlo_name)
+async def _check_all(
+    cfg: Config, ups: list[UpstreamConfig], to: str | None, mail_from: str | None
+) -> int:
+    """One block per upstream, in config order; 1 when any of them failed."""
+    named = len(cfg.upstreams) > 1 or cfg.upstreams[0].name != "default"
+    code = 0
+    for i, up in enumerate(ups):
+        if i:
+            say()
+        verify = "on" if up.verify else "OFF (any certificate is accepted)"
+        label = f"{up.name}: " if named else ""
+        preset = f", preset: {up.preset}" if up.preset else ""
+        say(f"checking {label}{up.host}:{up.port} (tls: {up.tls}, verify: {verify}{preset})")
+        code = max(code, await _check(cfg, up, to, mail_from))
+    return code
+
+
+async def _check(cfg: Config, up: UpstreamConfig, to: str | None, mail_from: str | None) -> int:
+    session = Session(up, up.ehlo_name or cfg.listen.hostname)
     started = time.monotonic()
     try:
         await session.open()
         _print_steps(session)
-        if not cfg.upstream.username:
-            say(f"  {'auth':<8} skipped: no upstream.username configured")
+        if not up.username:
+            say(f"  {'auth':<8} skipped: no username configured")
         if to:
-            await _send_test(session, cfg, to, mail_from)
+            await _send_test(session, cfg, up, to, mail_from)
     except UpstreamError as err:
         elapsed = time.monotonic() - started - sum(t.seconds for t in session.timings)
         _print_steps(session)
@@ -60,10 +81,7 @@ async def _check(cfg: Config, to: str | None, mail_from: str | None) -> int:
         return 1
     finally:
         await session.close()
-    say(
-        "ok: the upstream is reachable"
-        + (" and accepts the login" if cfg.upstream.username else "")
-    )
+    say("ok: the upstream is reachable" + (" and accepts the login" if up.username else ""))
     return 0
 
 
@@ -114,8 +132,10 @@ def _print_failure(err: UpstreamError, elapsed: float) -> None:
         say(f"  hint: {err.hint}")
 
 
-async def _send_test(session: Session, cfg: Config, to: str, mail_from: str | None) -> None:
-    sender = mail_from or (cfg.upstream.username if "@" in cfg.upstream.username else "")
+async def _send_test(
+    session: Session, cfg: Config, up: UpstreamConfig, to: str, mail_from: str | None
+) -> None:
+    sender = mail_from or (up.username if "@" in up.username else "")
     if not sender:
         sender = f"relayd@{cfg.listen.hostname}"
     data = test_message(sender, to)

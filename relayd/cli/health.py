@@ -58,7 +58,8 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--json",
         action="store_true",
-        help="print the daemon's status as JSON (upstream state, pause, quota, rate)",
+        help="print the verdict and the daemon's status as JSON (per upstream: state, pause, "
+        "quota, rate)",
     )
     p.set_defaults(func=run)
 
@@ -66,9 +67,9 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args)
     root = Path(cfg.spool.path)
-    ok, line = check(root, args.strict, args.max_failures, args.max_age)
+    ok, line, status = evaluate(root, args.strict, args.max_failures, args.max_age)
     if getattr(args, "json", False):
-        say(json.dumps(report(root, ok, line)))  # one ASCII line: say() keeps it whole
+        say(json.dumps(report(root, ok, line, status)))  # one ASCII line: say() keeps it whole
     else:
         say(f"relayd: {line}")
     return 0 if ok else 1
@@ -78,44 +79,69 @@ def check(
     root: Path, strict: bool = False, max_failures: int = 3, max_age: float = 3600.0
 ) -> tuple[bool, str]:
     """(healthy, one line saying why) for the daemon serving the spool at root."""
+    ok, line, _ = evaluate(root, strict, max_failures, max_age)
+    return ok, line
+
+
+def evaluate(
+    root: Path, strict: bool = False, max_failures: int = 3, max_age: float = 3600.0
+) -> tuple[bool, str, DaemonStatus | None]:
+    """check(), and the daemon's status when it could be read."""
     pid = Spool(root).daemon_pid()
     if pid is None:
-        return False, f"down: no relayd holds the lock of {root}"
+        return False, f"down: no relayd holds the lock of {root}", None
     status, problem = _read_status(root, pid)
     # Before the status's own problems: a read-only spool also keeps status.json from being
     # rewritten, and "not writable" is the cause where "stuck" would only be the symptom.
     probe = _probe_write(root) or _read_only(root)
     if probe:
-        return False, f"unhealthy: spool {root} not writable: {probe}"
+        return False, f"unhealthy: spool {root} not writable: {probe}", status
     if status is None:
-        return False, f"unhealthy: pid {pid} {problem}"
+        return False, f"unhealthy: pid {pid} {problem}", None
     trouble_line = _daemon_trouble(root, status)
     if trouble_line:
-        return False, f"unhealthy: pid {pid} {trouble_line}"
+        return False, f"unhealthy: pid {pid} {trouble_line}", status
     failures = status.delivery.consecutive_failures
     oldest = status.delivery.oldest_age
-    trouble = failures >= max_failures or oldest > max_age
-    summary = _summary(status, failures, oldest)
+    waiting = _waiting_upstreams(status)
+    trouble = failures >= max_failures or oldest > max_age or bool(waiting)
+    summary = ", ".join([_summary(status, failures, oldest), *waiting])
     if strict and trouble:
-        return False, f"upstream trouble: {summary}"
-    return True, f"{'healthy (upstream trouble)' if trouble else 'healthy'}: {summary}"
+        return False, f"upstream trouble: {summary}", status
+    return True, f"{'healthy (upstream trouble)' if trouble else 'healthy'}: {summary}", status
 
 
-def report(root: Path, ok: bool, line: str) -> dict[str, Any]:
+def _waiting_upstreams(status: DaemonStatus) -> list[str]:
+    """One phrase per upstream that is not in use now (open, paused, reauth, …)."""
+    phrases = []
+    for doc in status.delivery.upstreams:
+        state = str(doc.get("state") or "")
+        if state in ("", "ok", "throttled"):
+            continue
+        reason = " ".join(str(doc.get("reason") or "").split())[:200]
+        phrase = f"upstream {doc.get('name')} {state}"
+        if reason:
+            phrase += f" ({reason})"  # say() escapes it for the terminal, json.dumps for --json
+        probe = doc.get("next_probe_at")
+        if isinstance(probe, int | float):
+            phrase += f", next probe in {max(0.0, probe - time.time()):.0f}s"
+        phrases.append(phrase)
+    return phrases
+
+
+def report(root: Path, ok: bool, line: str, status: DaemonStatus | None) -> dict[str, Any]:
     """--json: the verdict and what the daemon last reported (per upstream: state, paused
-    until, throttled, reauth, today's count against daily, the rate in force)."""
+    until, throttled, reauth, next probe, today's count against daily, the rate in force)."""
     pid = Spool(root).daemon_pid()
-    status = _read_status(root, pid)[0] if pid is not None else None
+    doc: dict[str, Any] = {"healthy": ok, "line": line, "summary": line, "pid": pid}
     if status is None:
-        return {"healthy": ok, "summary": line, "pid": pid, "upstreams": []}
-    up = status.delivery.upstream
+        return {**doc, "status": None, "upstreams": []}
     return {
-        "healthy": ok,
-        "summary": line,
-        "pid": pid,
+        **doc,
         "queued": status.delivery.queued,
         "failed": status.failed,
-        "upstreams": [up] if up else [],
+        "status": status.to_json(),
+        "upstreams": list(status.delivery.upstreams),
     }
 
 

@@ -31,7 +31,6 @@ from relayd.config import OAuth2Config
 from relayd.errors import ConfigError, RelaydError
 from relayd.states import OAuth2Flow, OAuth2Provider, UpstreamAuth
 
-NAMES = ("default",)  # one upstream today; named upstreams come with the upstreams: list
 LOGIN_TIMEOUT = 600.0  # seconds a sign-in may take in the browser
 REQUEST_TIMEOUT = 30.0  # seconds for each request to the provider
 DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
@@ -242,22 +241,28 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     )
     inner = cmd.add_subparsers(dest="oauth_command", required=True, parser_class=type(cmd))
     login = inner.add_parser("login", parents=[common], help="obtain the first refresh token")
-    login.add_argument("name", help='the upstream: "default"')
+    login.add_argument(
+        "name", help='the upstream\'s name ("default" for the single upstream: section)'
+    )
     login.add_argument("--flow", choices=["device", "browser"], help="default: by provider")
     login.add_argument("--no-browser", action="store_true", help="print the URL, paste back")
     login.set_defaults(func=cmd_login)
     status = inner.add_parser("status", parents=[common], help="token expiry, refresh, scopes")
-    status.add_argument("name", help='the upstream: "default"')
+    status.add_argument(
+        "name", help='the upstream\'s name ("default" for the single upstream: section)'
+    )
     status.set_defaults(func=cmd_status)
 
 
 def _oauth_config(args: argparse.Namespace) -> OAuth2Config:
-    if args.name not in NAMES:
-        raise ConfigError("upstream", f"no upstream named {args.name!r} (this relayd has: default)")
-    up = load_config(args).upstream
+    ups = load_config(args).upstreams
+    up = next((u for u in ups if u.name == args.name), None)
+    if up is None:
+        known = ", ".join(u.name for u in ups)
+        raise ConfigError("upstream", f"no upstream named {args.name!r} (this relayd has: {known})")
     logs.setup("console", "warning")  # warnings only, and through the redaction backstop
     if up.auth != UpstreamAuth.OAUTH2:
-        raise ConfigError("upstream.auth", "is not oauth2: nothing to log in to")
+        raise ConfigError(f"{up.name}.auth", "is not oauth2: nothing to log in to")
     oauth.register_secrets(up.oauth2)
     return up.oauth2
 

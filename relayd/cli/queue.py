@@ -73,10 +73,18 @@ def record(env: Envelope, now: float, history: bool = False) -> dict[str, Any]:
         "next_attempt_at": iso(env.next_attempt_at) if env.state == SpoolDir.QUEUE else None,
         "last_error": env.last_error,
         "reason": env.reason or None,
+        "upstream": last_upstream(env),  # the one the latest attempt used (None: not tried)
     }
     if history:
         doc["history"] = list(env.history)
     return doc
+
+
+def last_upstream(env: Envelope) -> str | None:
+    for entry in reversed(env.history):
+        if entry.get("upstream"):
+            return str(entry["upstream"])
+    return None
 
 
 def scan(spool: Spool, only: str | None) -> list[Envelope]:
@@ -132,7 +140,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         return 0
     width = shutil.get_terminal_size((120, 24)).columns
     rows = [_row(e, now, waiting) for e in envs]
-    head = ["ID", "STATE", "AGE", "TRIES", "NEXT", "SIZE", "FROM", "TO", "LAST"]
+    head = ["ID", "STATE", "AGE", "TRIES", "NEXT", "SIZE", "VIA", "FROM", "TO", "LAST"]
     queued = sum(e.state == SpoolDir.QUEUE for e in envs)
     say(*table(head, rows, width), f"{queued} queued, {len(envs) - queued} failed")
     return 0
@@ -147,8 +155,11 @@ def upstream_waiting(root: Any, now: float) -> str:
         return ""
     if not isinstance(doc, dict) or now - float(doc.get("updated_at") or 0.0) > 30.0:
         return ""
-    up = doc.get("upstream")
-    return " ".join(str(up.get("waiting") or "").split()) if isinstance(up, dict) else ""
+    ups = doc.get("upstreams")
+    if not isinstance(ups, list):
+        return ""
+    said = [str(u.get("waiting") or "") for u in ups if isinstance(u, dict)]
+    return "; ".join(" ".join(w.split()) for w in said if w.strip())
 
 
 def _row(env: Envelope, now: float, waiting: str = "") -> list[str]:
@@ -171,6 +182,7 @@ def _row(env: Envelope, now: float, waiting: str = "") -> list[str]:
         str(env.attempts),
         nxt,
         size(env.size),
+        last_upstream(env) or "-",
         env.mail_from or "<>",
         rcpts,
         last,
@@ -259,7 +271,15 @@ def _show_lines(env: Envelope, now: float) -> list[str]:
     for h in env.history:
         code = f"{h.get('code')} " if h.get("code") else ""
         what = f"  {h.get('step', '')}: {code}{h.get('text', '')}" if h.get("step") else ""
-        lines.append(f"  #{h.get('attempt')}  {h.get('at')}  {h.get('result')}{what}")
+        via = f" via {h['upstream']}" if h.get("upstream") else ""
+        sent_as = f" as <{h['sent_as']}>" if h.get("sent_as") else ""
+        lines.append(f"  #{h.get('attempt')}  {h.get('at')}  {h.get('result')}{via}{sent_as}{what}")
+        for f in h.get("failover") or ():
+            fcode = f"{f.get('code')} " if f.get("code") else ""
+            lines.append(
+                f"       after {f.get('upstream')} failed at {f.get('step')}: "
+                f"{fcode}{f.get('text', '')}".replace("\n", " ")
+            )
     return lines
 
 

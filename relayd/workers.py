@@ -1,0 +1,508 @@
+"""The upstream workers: each takes flights from its upstream's queue and sends them.
+
+One worker owns at most one pooled session (per upstream and credential; a reload retires
+it). A flight whose upstream fails before the message is in the session (dns, connect, tls,
+banner, ehlo, auth) counts on that upstream's breaker and goes on, as the same attempt, to the
+next usable upstream of its route; what waits for the failed upstream follows it, instead of
+dialling it again. A reply about the upstream rather than the message (provider.Provider
+judges it by the upstream's reply rules) tells its breaker: a pause skips the upstream and the
+message moves on to the next one at once, no attempt counted (with none, it stays queued until
+the pause ends); a reauth opens it like a refused login; a throttle slows its limiter. A reply
+about the message itself is the message's outcome (relay.Relay, into which this class is mixed,
+carries outcomes out and owns the due-time index and the pacing of dispatch).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import dataclasses
+import os
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import structlog
+
+from relayd import config as config_mod
+from relayd import metrics, outcome, presets, replies, rewrite
+from relayd.breaker import CONNECTION_STEPS, UpstreamState
+from relayd.config import Config, UpstreamConfig
+from relayd.envelope import HISTORY_LIMIT, Envelope, iso
+from relayd.errors import SpoolError, UpstreamError
+from relayd.pool import Flight, Pool, Upstream
+from relayd.replies import Verdict
+from relayd.spool import Spool
+from relayd.states import OutcomeStatus
+from relayd.upstream import Outcome
+
+log = structlog.get_logger()
+
+IDLE_CLOSE = 10.0  # seconds an idle upstream session is kept for the next message
+BUSY_RETRY = 1.0  # seconds before a message whose session found no free connection tries again
+# The worker a session belongs to: the holder of that session's connection lease.
+HOLDER: contextvars.ContextVar[str] = contextvars.ContextVar("holder", default="")
+
+
+class _NoConnection(Exception):
+    """Every connection the account allows is held (max_connections, fleet-wide)."""
+
+
+class Deliverer(Protocol):
+    sent: int
+
+    async def open(self) -> None: ...
+    async def send(self, mail_from: str, rcpt_to: list[str], data: bytes) -> list[Outcome]: ...
+    async def close(self) -> None: ...
+
+
+class Workers:
+    """The worker side of relay.Relay (a mixin: Relay sets these and implements the hooks)."""
+
+    spool: Spool
+    cfg: Config
+    connect: Callable[[UpstreamConfig], Deliverer]
+    clock: Callable[[], float]
+    pool: Pool
+    inflight: set[str]
+    hints: dict[str, tuple[str, ...]]
+    stopping: bool
+    generation: int
+    wake: asyncio.Event
+    ledger: Any
+
+    # -- carried out by Relay: the index and the outcome policy ----------------------------
+
+    def forget(self, msg_id: str) -> None:
+        raise NotImplementedError
+
+    def _park(self, msg_id: str, via: tuple[str, ...]) -> None:
+        raise NotImplementedError
+
+    def _retry_later(self, msg_id: str) -> None:
+        raise NotImplementedError
+
+    def _later(self, msg_id: str, when: float) -> None:
+        raise NotImplementedError
+
+    def enqueue(self, env: Envelope) -> None:
+        raise NotImplementedError
+
+    async def _crashed(
+        self, env: Envelope, exc: Exception, bound: Any, extra: dict[str, Any]
+    ) -> None:
+        raise NotImplementedError
+
+    async def _record(self, decision: outcome.Decision, bound: Any) -> None:
+        raise NotImplementedError
+
+    def _done(self, msg_id: str) -> None:
+        raise NotImplementedError
+
+    async def _defer(
+        self, env: Envelope, err: UpstreamError, bound: Any, extra: dict[str, Any]
+    ) -> None:
+        raise NotImplementedError
+
+    async def _apply(
+        self,
+        env: Envelope,
+        outcomes: list[Outcome],
+        bound: Any,
+        hint: str = "",
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        raise NotImplementedError
+
+    async def _finish(self, decision: outcome.Decision) -> None:
+        raise NotImplementedError
+
+    # -- the workers -------------------------------------------------------------------------
+
+    def _staff(self, up: Upstream) -> None:
+        """Workers 0..max_connections-1 for an upstream (a reload may have raised the number)."""
+        for n in range(up.cfg.max_connections):
+            if n >= len(up.workers):
+                up.workers.append(asyncio.create_task(self._worker(up, n)))
+            elif up.workers[n].done():
+                up.workers[n] = asyncio.create_task(self._worker(up, n))
+
+    def _dismiss(self, up: Upstream) -> list[asyncio.Task[None]]:
+        """Empty an upstream's queue and tell its workers to end; returns them."""
+        while not up.queue.empty():
+            flight = up.queue.get_nowait()
+            if flight is not None:
+                self._done(flight.msg_id)
+        for _ in up.workers:
+            up.queue.put_nowait(None)
+        return up.workers
+
+    async def _worker(self, up: Upstream, n: int) -> None:
+        HOLDER.set(f"{os.getpid()}.{up.name}.{n}")
+        session: Deliverer | None = None
+        generation = self.generation
+        try:
+            while True:
+                up.idle += 1
+                try:
+                    async with asyncio.timeout(IDLE_CLOSE if session else None):
+                        flight = await up.queue.get()
+                except TimeoutError:
+                    await self._drop(up, session)
+                    session = None
+                    continue
+                finally:
+                    up.idle -= 1
+                if flight is None:
+                    return
+                if up.removed or n >= up.cfg.max_connections:
+                    await self._hand_back(up, flight)  # a reload removed this worker's slot
+                    return
+                if session is not None and generation != self.generation:
+                    await _close(session)  # opened under the config before a reload
+                    session = None
+                if session is None:
+                    generation = self.generation
+                session = await self._carry(up, flight, session)
+        finally:
+            await self._drop(up, session)
+
+    async def _carry(
+        self, up: Upstream, flight: Flight, session: Deliverer | None
+    ) -> Deliverer | None:
+        """One flight on this worker; returns the session to keep."""
+        handed = False
+        try:
+            session, handed = await self._fly(up, flight, session)
+        except Exception:
+            # A bug must not kill the worker or lose the message: it stays queued
+            # as it was and is tried again, backing off.
+            log.exception("delivery.crashed", msg_id=flight.msg_id)
+            await _close(session)
+            session = None
+            self._retry_later(flight.msg_id)
+        finally:
+            if not handed:
+                self._done(flight.msg_id)
+            if session is None:
+                await up.provider.release(HOLDER.get())
+            self.wake.set()  # a free worker: the scheduler may hand out the next slot
+        return session
+
+    async def _drop(self, up: Upstream, session: Deliverer | None) -> None:
+        """Close the session and give its connection lease back."""
+        await _close(session)
+        await up.provider.release(HOLDER.get())
+
+    async def _hand_back(self, up: Upstream, flight: Flight) -> None:
+        if not up.removed:
+            up.queue.put_nowait(flight)  # another worker of the same upstream takes it
+        elif not await self._pass_on(flight, self._pick(flight)):
+            self._done(flight.msg_id)
+
+    async def _fly(
+        self, up: Upstream, flight: Flight, session: Deliverer | None
+    ) -> tuple[Deliverer | None, bool]:
+        """Try one flight on this upstream; (session to keep, whether it went elsewhere)."""
+        up.probe_sent_until = 0.0  # if this flight was the probe, it is here: admit() decides
+        if not await self._route(flight):
+            return session, False
+        assert flight.env is not None
+        target = self.pool.pick(flight.via, flight.skip(), self.clock())
+        if target is not up:
+            return session, await self._pass_on(flight, target)
+        up.probe_sent_until = 0.0
+        if up.provider.paced and flight.slot != up.name:
+            self._later(flight.msg_id, self.clock())  # failed over to a paced upstream: its
+            return session, False  # slot comes from the scheduler, in arrival order
+        if session is None and not up.breaker.admit(self.clock()):
+            flight.passed.add(up.name)  # another worker is probing it
+            return session, await self._pass_on(flight, self._pick(flight))
+        env = flight.env
+        bound = log.bind(msg_id=env.id, attempt=env.attempts + 1, upstream=up.name)
+        mail_from, data, note = _shape(up, env, flight.data, bound)
+        extra = {**_trail(flight, up.name), **note}
+        started = time.monotonic()
+        try:
+            session, outcomes = await self._send(up, mail_from, env, data, session)
+        except _NoConnection:
+            self._later(flight.msg_id, self.clock() + BUSY_RETRY)
+            return None, False
+        except UpstreamError as err:
+            await _close(session)
+            metrics.UPSTREAM_FAILURES.labels(step=err.step).inc()
+            return None, await self._failed(up, flight, err, bound, extra)
+        except Exception as exc:
+            await _close(session)
+            await self._crashed(env, exc, bound, extra)
+            return None, False
+        metrics.DELIVERY_SECONDS.observe(time.monotonic() - started)
+        outcomes = [outcome.clipped(o) for o in outcomes]
+        verdict = await self._judged(up, outcomes)
+        if verdict is not None:
+            await _close(session)
+            first = next(o for o in outcomes if o.status != OutcomeStatus.DELIVERED)
+            return None, await self._held(up, flight, verdict, first, bound)
+        await self._apply(env, outcomes, bound, extra=extra)
+        up.provider.settle(delivered=any(o.status == OutcomeStatus.DELIVERED for o in outcomes))
+        if session.sent >= up.cfg.max_messages_per_session:
+            await _close(session)
+            return None, False
+        return session, False
+
+    async def _failed(
+        self, up: Upstream, flight: Flight, err: UpstreamError, bound: Any, extra: dict[str, Any]
+    ) -> bool:
+        """A session error: the upstream's (fail over) or the message's (defer it)."""
+        assert flight.env is not None
+        verdict = up.provider.judge_error(err)
+        if verdict is not None and verdict.action in ("pause", "throttle"):
+            reply = Outcome("", OutcomeStatus.TEMPORARY, err.code, err.text, err.step)
+            return await self._held(up, flight, verdict, reply, bound)
+        if verdict is not None and verdict.action == "reauth":
+            err.reauth = True
+            await up.provider.enact(verdict)
+        if err.step not in CONNECTION_STEPS and not err.reauth:
+            # Something about this message (or a session lost during it): its outcome.
+            await self._defer(flight.env, err, bound, extra)
+            return False
+        self._upstream_failed(up, err, bound)
+        flight.failed.append((up.name, err))
+        await self._move_waiting(up, err)
+        return await self._pass_on(flight, self._pick(flight))
+
+    async def _judged(self, up: Upstream, outcomes: list[Outcome]) -> Verdict | None:
+        """Replies about the upstream (quota, rate, login), not the message: the verdict when
+        the whole message is held; recipients delivered meanwhile make it an ordinary retry."""
+        verdicts = up.provider.judge(outcomes)
+        if not verdicts:
+            return None
+        verdict = up.provider.strongest(list(verdicts.values()))
+        if not any(o.status == OutcomeStatus.DELIVERED for o in outcomes):
+            return verdict
+        await self._tell(up, verdict)
+        outcomes[:] = [
+            dataclasses.replace(o, status=OutcomeStatus.TEMPORARY) if o.address in verdicts else o
+            for o in outcomes
+        ]
+        return None
+
+    async def _tell(self, up: Upstream, verdict: Verdict) -> float:
+        """Carry out an upstream verdict on its limiter and breaker; returns until when."""
+        until = await up.provider.enact(verdict)
+        b, reason = up.breaker, verdict.reply
+        up.resting = up.resting or verdict.action != "throttle"
+        if verdict.action == "pause":
+            if b.state != UpstreamState.PAUSED:
+                log.warning("upstream.paused", upstream=up.name,
+                            seconds=round(until - self.clock(), 3), reply=reason)  # fmt: skip
+            b.pause(until, reason)
+        elif verdict.action == "throttle":
+            seconds = verdict.seconds or replies.THROTTLE_FOR
+            b.throttle(reason, self.clock() + seconds)
+        else:
+            self._reauth(up, reason)
+        return until
+
+    def _reauth(self, up: Upstream, reason: str) -> None:
+        up.resting = True
+        if up.breaker.state != UpstreamState.REAUTH:
+            # A refused login needs a person: logged at critical, which alerting pages on.
+            log.critical("upstream.reauth_needed", upstream=up.name, reply=reason)
+        up.breaker.reauth(reason)  # waits for a reload or a successful probe
+
+    async def _held(
+        self, up: Upstream, flight: Flight, verdict: Verdict, reply: Outcome, bound: Any
+    ) -> bool:
+        """The upstream must wait (pause), or slow down (throttle): no attempt is counted.
+        Paused, the flight moves on to the route's next usable upstream at once; with none it
+        stays queued until the pause ends. Throttled, it is retried at its next slot."""
+        assert flight.env is not None
+        until = await self._tell(up, verdict)
+        if verdict.action == "pause":
+            flight.passed.add(up.name)
+            target = self._pick(flight)
+            bound.info("upstream.skipped", reason="paused", step=reply.step, code=reply.code,
+                       next=target.name if target else None)  # fmt: skip
+            if target is not None and not self.stopping:
+                return await self._pass_on(flight, target)
+        await self._hold(flight.env, verdict, until, reply, bound)
+        return False
+
+    async def _hold(
+        self, env: Envelope, verdict: Verdict, until: float, reply: Outcome, bound: Any
+    ) -> None:
+        """Keep the message queued without counting an attempt: the upstream must wait."""
+        now = self.clock()
+        said = {"step": reply.step, "code": reply.code, "text": reply.text, "at": iso(now)}
+        entry = {**said, "attempt": env.attempts, "result": verdict.action}
+        env = dataclasses.replace(
+            env,
+            next_attempt_at=until,
+            history=(*env.history, entry)[-HISTORY_LIMIT:],
+            last_error={**said, "action": verdict.action},
+        )
+        try:
+            await asyncio.to_thread(self.spool.save, env)
+        except SpoolError:
+            self.forget(env.id)  # deleted by an operator during the attempt
+            return
+        metrics.HELD.labels(action=verdict.action).inc()
+        bound.info("delivery.held", action=verdict.action,
+                   retry_in=round(max(0.0, until - now), 3), step=reply.step,
+                   code=reply.code, text=reply.text)  # fmt: skip
+        if not self.stopping:
+            self.enqueue(env)
+
+    async def _route(self, flight: Flight) -> bool:
+        """Load the flight and set its route's upstreams; False when it ended here."""
+        if flight.env is None and not await self._load(flight):
+            return False
+        assert flight.env is not None
+        env = flight.env
+        header_from = rewrite.header_from(flight.data) if self.pool.table.uses_header_from else None
+        decision = self.pool.decide(env, header_from)
+        flight.via = decision.via
+        if len(self.pool.upstreams) > 1:
+            self.hints[env.id] = decision.via
+        if decision.via:
+            return True
+        why = f"no route accepts this sender under the current config: {decision.refusal}"
+        err = UpstreamError(why, step="route", temporary=True, hint="check routes:")
+        await self._defer(env, err, log.bind(msg_id=env.id, attempt=env.attempts + 1), {})
+        return False
+
+    async def _load(self, flight: Flight) -> bool:
+        try:
+            # One trip to a thread for envelope and body: each trip costs the loop a wake-up.
+            env, flight.data = await asyncio.to_thread(self.spool.load_message, flight.msg_id)
+        except SpoolError:
+            self.forget(flight.msg_id)  # deleted (relayd queue delete) or moved meanwhile
+            return False
+        expired = outcome.expiry(env, self.clock(), self.cfg.retry)
+        if expired is not None:
+            await self._record(expired, log.bind(msg_id=env.id, attempt=env.attempts + 1))
+            return False
+        flight.env = env
+        return True
+
+    def _upstream_failed(self, up: Upstream, err: UpstreamError, bound: Any) -> None:
+        if err.reauth:
+            self._reauth(up, _describe(err))
+        else:
+            up.breaker.record_failure(_describe(err), err.step)
+        if err.step == "auth":
+            bound.error(
+                "upstream.auth_failed",
+                code=err.code,
+                text=err.text,
+                hint=err.hint or presets.auth_hint(up.cfg.preset),
+            )
+        else:
+            # Debug: the breaker's state_changed line is the one per outage (auth stays loud).
+            bound.debug("upstream.failed", step=err.step, error=str(err))
+
+    def _pick(self, flight: Flight) -> Upstream | None:
+        return self.pool.pick(flight.via, flight.skip(), self.clock())
+
+    async def _pass_on(self, flight: Flight, target: Upstream | None) -> bool:
+        """The same attempt on target, the route's next usable upstream; False if it ended."""
+        if target is not None and not self.stopping:
+            target.queue.put_nowait(flight)
+            return True
+        if not flight.failed:
+            self._park(flight.msg_id, flight.via)  # none tried: an attempt is not counted
+            return False
+        if flight.env is None and not await self._load(flight):
+            return False
+        assert flight.env is not None
+        last, err = flight.failed[-1]
+        bound = log.bind(msg_id=flight.msg_id, attempt=flight.env.attempts + 1)
+        await self._defer(flight.env, err, bound, _trail(flight, last))
+        return False
+
+    async def _move_waiting(self, up: Upstream, err: UpstreamError) -> None:
+        """The upstream is unreachable: what waits for it moves on instead of dialling it."""
+        while not up.queue.empty() and not self.stopping:
+            flight = up.queue.get_nowait()
+            if flight is None:
+                up.queue.put_nowait(None)  # a worker's stop order: keep it for the worker
+                return
+            flight.failed.append((up.name, err))
+            if not await self._pass_on(flight, self._pick(flight)):
+                self._done(flight.msg_id)
+
+    async def _send(
+        self,
+        up: Upstream,
+        mail_from: str,
+        env: Envelope,
+        data: bytes,
+        session: Deliverer | None,
+    ) -> tuple[Deliverer, list[Outcome]]:
+        rcpts = [r.address for r in env.pending]
+        if session is not None:
+            await up.provider.lease(HOLDER.get())  # renews a shared lease before it expires
+            try:
+                return session, await session.send(mail_from, rcpts, data)
+            except UpstreamError as err:
+                # A reused session the provider closed while idle fails at RSET or MAIL
+                # before anything of this message was accepted: reconnect once, no deferral.
+                if err.step not in ("rset", "mail") or err.code is not None:
+                    raise
+                await _close(session)
+        if not await up.provider.lease(HOLDER.get()):
+            raise _NoConnection
+        fresh = self.connect(up.cfg)
+        try:
+            await fresh.open()
+            up.breaker.record_success()
+            return fresh, await fresh.send(mail_from, rcpts, data)
+        except BaseException:
+            await _close(fresh)
+            raise
+
+
+def _trail(flight: Flight, used: str) -> dict[str, Any]:
+    """The history fields naming the upstream used and those failed over from."""
+    trail: dict[str, Any] = {"upstream": used} if used else {}
+    failed = flight.failed
+    earlier = failed[:-1] if failed and failed[-1][0] == used else failed
+    if earlier:
+        trail["failover"] = [
+            {"upstream": n, "step": e.step, "code": e.code, "text": e.text or str(e)}
+            for n, e in earlier
+        ]
+    return trail
+
+
+def _shape(
+    up: Upstream, env: Envelope, data: bytes, bound: Any
+) -> tuple[str, bytes, dict[str, Any]]:
+    """Sender and message as this upstream gets them (from_policy), and what to record."""
+    if up.cfg.from_policy != "rewrite":
+        return env.mail_from, data, {}
+    account = config_mod.rewrite_address(up.cfg)
+    if rewrite.header_from(data).lower() == account.lower():
+        return env.mail_from, data, {}  # already the account: nothing to rewrite
+    if rewrite.signed(data) and not up.cfg.rewrite_signed:
+        bound.info(
+            "message.rewrite_skipped",
+            reason="DKIM-Signature present (rewrite_signed: true would break it)",
+        )
+        return env.mail_from, data, {}
+    data, original = rewrite.rewrite_from(data, account)
+    # A bounce keeps its empty reverse-path (RFC 5321 §4.5.5): replies to it must not loop.
+    sender = account if env.mail_from else ""
+    bound.info("message.from_rewritten", sent_as=account, original_from=original)
+    return sender, data, {"sent_as": account}
+
+
+async def _close(session: Deliverer | None) -> None:
+    if session is not None:
+        await session.close()
+
+
+def _describe(err: UpstreamError) -> str:
+    code = f"{err.code} " if err.code else ""
+    return f"{err.step}: {code}{err.text or err}"

@@ -85,9 +85,7 @@ def decide(
     rcpts = tuple(_updated(r, by_addr.get(r.address)) for r in env.rcpt_to)
     temporary = [o for o in outcomes if o.status == OutcomeStatus.TEMPORARY]
     permanent = [o for o in outcomes if o.status == OutcomeStatus.PERMANENT]
-    worst = temporary[0] if temporary else (permanent[0] if permanent else None)
-    if worst is None and outcomes:
-        worst = outcomes[0]
+    worst = next(iter(temporary or permanent or outcomes), None)
     facts: dict[str, Any] = {
         "delivered": tuple(o for o in outcomes if o.status == OutcomeStatus.DELIVERED),
         "refused": tuple(permanent),

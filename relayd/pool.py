@@ -13,8 +13,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
-from relayd import routes
+from relayd import config as config_mod
+from relayd import rewrite, routes
 from relayd.breaker import PROBE_TIMEOUT, Breaker, UpstreamState
 from relayd.config import Config, UpstreamConfig
 from relayd.envelope import Envelope
@@ -189,3 +191,38 @@ def usable_state(doc: dict[str, object], now: float) -> bool:
         return True
     probe = doc.get("next_probe_at")
     return isinstance(probe, int | float) and probe <= now
+
+
+def trail(flight: Flight, used: str) -> dict[str, Any]:
+    """The history fields naming the upstream used and those failed over from."""
+    trail: dict[str, Any] = {"upstream": used} if used else {}
+    failed = flight.failed
+    earlier = failed[:-1] if failed and failed[-1][0] == used else failed
+    if earlier:
+        trail["failover"] = [
+            {"upstream": n, "step": e.step, "code": e.code, "text": e.text or str(e)}
+            for n, e in earlier
+        ]
+    return trail
+
+
+def shape(
+    up: Upstream, env: Envelope, data: bytes, bound: Any
+) -> tuple[str, bytes, dict[str, Any]]:
+    """Sender and message as this upstream gets them (from_policy), and what to record."""
+    if up.cfg.from_policy != "rewrite":
+        return env.mail_from, data, {}
+    account = config_mod.rewrite_address(up.cfg)
+    if rewrite.header_from(data).lower() == account.lower():
+        return env.mail_from, data, {}  # already the account: nothing to rewrite
+    if rewrite.signed(data) and not up.cfg.rewrite_signed:
+        bound.info(
+            "message.rewrite_skipped",
+            reason="DKIM-Signature present (rewrite_signed: true would break it)",
+        )
+        return env.mail_from, data, {}
+    data, original = rewrite.rewrite_from(data, account)
+    # A bounce keeps its empty reverse-path (RFC 5321 §4.5.5): replies to it must not loop.
+    sender = account if env.mail_from else ""
+    bound.info("message.from_rewritten", sent_as=account, original_from=original)
+    return sender, data, {"sent_as": account}

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import dataclasses
 import os
 import time
 from collections.abc import Callable
@@ -24,17 +23,15 @@ from typing import Any, Protocol
 
 import structlog
 
-from relayd import config as config_mod
-from relayd import metrics, outcome, presets, replies, rewrite
-from relayd.breaker import CONNECTION_STEPS, UpstreamState
+from relayd import metrics, outcome, presets, rewrite
 from relayd.config import Config, UpstreamConfig
-from relayd.envelope import HISTORY_LIMIT, Envelope, iso
+from relayd.envelope import Envelope
 from relayd.errors import SpoolError, UpstreamError
-from relayd.pool import Flight, Pool, Upstream
-from relayd.replies import Verdict
+from relayd.pool import Flight, Pool, Upstream, shape, trail
 from relayd.spool import Spool
 from relayd.states import OutcomeStatus
 from relayd.upstream import Outcome
+from relayd.verdicts import Verdicts
 
 log = structlog.get_logger()
 
@@ -56,7 +53,7 @@ class Deliverer(Protocol):
     async def close(self) -> None: ...
 
 
-class Workers:
+class Workers(Verdicts):
     """The worker side of relay.Relay (a mixin: Relay sets these and implements the hooks)."""
 
     spool: Spool
@@ -121,11 +118,17 @@ class Workers:
 
     def _staff(self, up: Upstream) -> None:
         """Workers 0..max_connections-1 for an upstream (a reload may have raised the number)."""
-        for n in range(up.cfg.max_connections):
+        for n in range(self._seats(up)):
             if n >= len(up.workers):
                 up.workers.append(asyncio.create_task(self._worker(up, n)))
             elif up.workers[n].done():
                 up.workers[n] = asyncio.create_task(self._worker(up, n))
+
+    def _seats(self, up: Upstream) -> int:
+        """Sessions this relayd runs for up: its share of max_connections when a fleet shares
+        them through Redis, so the relayds do not take one another's leases (and rate slots)."""
+        pc, most = self.cfg.pacing, up.cfg.max_connections
+        return max(1, most // pc.fleet_size) if pc.redis else most
 
     def _dismiss(self, up: Upstream) -> list[asyncio.Task[None]]:
         """Empty an upstream's queue and tell its workers to end; returns them."""
@@ -155,7 +158,7 @@ class Workers:
                     up.idle -= 1
                 if flight is None:
                     return
-                if up.removed or n >= up.cfg.max_connections:
+                if up.removed or n >= self._seats(up):
                     await self._hand_back(up, flight)  # a reload removed this worker's slot
                     return
                 if session is not None and generation != self.generation:
@@ -207,7 +210,6 @@ class Workers:
         up.probe_sent_until = 0.0  # if this flight was the probe, it is here: admit() decides
         if not await self._route(flight):
             return session, False
-        assert flight.env is not None
         target = self.pool.pick(flight.via, flight.skip(), self.clock())
         if target is not up:
             return session, await self._pass_on(flight, target)
@@ -218,10 +220,17 @@ class Workers:
         if session is None and not up.breaker.admit(self.clock()):
             flight.passed.add(up.name)  # another worker is probing it
             return session, await self._pass_on(flight, self._pick(flight))
+        return await self._deliver(up, flight, session)
+
+    async def _deliver(
+        self, up: Upstream, flight: Flight, session: Deliverer | None
+    ) -> tuple[Deliverer | None, bool]:
+        """The flight's message through this upstream's session, and what its replies mean."""
         env = flight.env
+        assert env is not None
         bound = log.bind(msg_id=env.id, attempt=env.attempts + 1, upstream=up.name)
-        mail_from, data, note = _shape(up, env, flight.data, bound)
-        extra = {**_trail(flight, up.name), **note}
+        mail_from, data, note = shape(up, env, flight.data, bound)
+        extra = {**trail(flight, up.name), **note}
         started = time.monotonic()
         try:
             session, outcomes = await self._send(up, mail_from, env, data, session)
@@ -245,114 +254,10 @@ class Workers:
             return None, await self._held(up, flight, verdict, first, bound)
         await self._apply(env, outcomes, bound, extra=extra)
         up.provider.settle(delivered=any(o.status == OutcomeStatus.DELIVERED for o in outcomes))
-        if session.sent >= up.cfg.max_messages_per_session:
-            await _close(session)
-            return None, False
-        return session, False
-
-    async def _failed(
-        self, up: Upstream, flight: Flight, err: UpstreamError, bound: Any, extra: dict[str, Any]
-    ) -> bool:
-        """A session error: the upstream's (fail over) or the message's (defer it)."""
-        assert flight.env is not None
-        verdict = up.provider.judge_error(err)
-        if verdict is not None and verdict.action in ("pause", "throttle"):
-            reply = Outcome("", OutcomeStatus.TEMPORARY, err.code, err.text, err.step)
-            return await self._held(up, flight, verdict, reply, bound)
-        if verdict is not None and verdict.action == "reauth":
-            err.reauth = True
-            await up.provider.enact(verdict)
-        if err.step not in CONNECTION_STEPS and not err.reauth:
-            # Something about this message (or a session lost during it): its outcome.
-            await self._defer(flight.env, err, bound, extra)
-            return False
-        self._upstream_failed(up, err, bound)
-        flight.failed.append((up.name, err))
-        await self._move_waiting(up, err)
-        return await self._pass_on(flight, self._pick(flight))
-
-    async def _judged(self, up: Upstream, outcomes: list[Outcome]) -> Verdict | None:
-        """Replies about the upstream (quota, rate, login), not the message: the verdict when
-        the whole message is held; recipients delivered meanwhile make it an ordinary retry."""
-        verdicts = up.provider.judge(outcomes)
-        if not verdicts:
-            return None
-        verdict = up.provider.strongest(list(verdicts.values()))
-        if not any(o.status == OutcomeStatus.DELIVERED for o in outcomes):
-            return verdict
-        await self._tell(up, verdict)
-        outcomes[:] = [
-            dataclasses.replace(o, status=OutcomeStatus.TEMPORARY) if o.address in verdicts else o
-            for o in outcomes
-        ]
-        return None
-
-    async def _tell(self, up: Upstream, verdict: Verdict) -> float:
-        """Carry out an upstream verdict on its limiter and breaker; returns until when."""
-        until = await up.provider.enact(verdict)
-        b, reason = up.breaker, verdict.reply
-        up.resting = up.resting or verdict.action != "throttle"
-        if verdict.action == "pause":
-            if b.state != UpstreamState.PAUSED:
-                log.warning("upstream.paused", upstream=up.name,
-                            seconds=round(until - self.clock(), 3), reply=reason)  # fmt: skip
-            b.pause(until, reason)
-        elif verdict.action == "throttle":
-            seconds = verdict.seconds or replies.THROTTLE_FOR
-            b.throttle(reason, self.clock() + seconds)
-        else:
-            self._reauth(up, reason)
-        return until
-
-    def _reauth(self, up: Upstream, reason: str) -> None:
-        up.resting = True
-        if up.breaker.state != UpstreamState.REAUTH:
-            # A refused login needs a person: logged at critical, which alerting pages on.
-            log.critical("upstream.reauth_needed", upstream=up.name, reply=reason)
-        up.breaker.reauth(reason)  # waits for a reload or a successful probe
-
-    async def _held(
-        self, up: Upstream, flight: Flight, verdict: Verdict, reply: Outcome, bound: Any
-    ) -> bool:
-        """The upstream must wait (pause), or slow down (throttle): no attempt is counted.
-        Paused, the flight moves on to the route's next usable upstream at once; with none it
-        stays queued until the pause ends. Throttled, it is retried at its next slot."""
-        assert flight.env is not None
-        until = await self._tell(up, verdict)
-        if verdict.action == "pause":
-            flight.passed.add(up.name)
-            target = self._pick(flight)
-            bound.info("upstream.skipped", reason="paused", step=reply.step, code=reply.code,
-                       next=target.name if target else None)  # fmt: skip
-            if target is not None and not self.stopping:
-                return await self._pass_on(flight, target)
-        await self._hold(flight.env, verdict, until, reply, bound)
-        return False
-
-    async def _hold(
-        self, env: Envelope, verdict: Verdict, until: float, reply: Outcome, bound: Any
-    ) -> None:
-        """Keep the message queued without counting an attempt: the upstream must wait."""
-        now = self.clock()
-        said = {"step": reply.step, "code": reply.code, "text": reply.text, "at": iso(now)}
-        entry = {**said, "attempt": env.attempts, "result": verdict.action}
-        env = dataclasses.replace(
-            env,
-            next_attempt_at=until,
-            history=(*env.history, entry)[-HISTORY_LIMIT:],
-            last_error={**said, "action": verdict.action},
-        )
-        try:
-            await asyncio.to_thread(self.spool.save, env)
-        except SpoolError:
-            self.forget(env.id)  # deleted by an operator during the attempt
-            return
-        metrics.HELD.labels(action=verdict.action).inc()
-        bound.info("delivery.held", action=verdict.action,
-                   retry_in=round(max(0.0, until - now), 3), step=reply.step,
-                   code=reply.code, text=reply.text)  # fmt: skip
-        if not self.stopping:
-            self.enqueue(env)
+        if session.sent < up.cfg.max_messages_per_session:
+            return session, False
+        await _close(session)
+        return None, False
 
     async def _route(self, flight: Flight) -> bool:
         """Load the flight and set its route's upstreams; False when it ended here."""
@@ -418,7 +323,7 @@ class Workers:
         assert flight.env is not None
         last, err = flight.failed[-1]
         bound = log.bind(msg_id=flight.msg_id, attempt=flight.env.attempts + 1)
-        await self._defer(flight.env, err, bound, _trail(flight, last))
+        await self._defer(flight.env, err, bound, trail(flight, last))
         return False
 
     async def _move_waiting(self, up: Upstream, err: UpstreamError) -> None:
@@ -461,41 +366,6 @@ class Workers:
         except BaseException:
             await _close(fresh)
             raise
-
-
-def _trail(flight: Flight, used: str) -> dict[str, Any]:
-    """The history fields naming the upstream used and those failed over from."""
-    trail: dict[str, Any] = {"upstream": used} if used else {}
-    failed = flight.failed
-    earlier = failed[:-1] if failed and failed[-1][0] == used else failed
-    if earlier:
-        trail["failover"] = [
-            {"upstream": n, "step": e.step, "code": e.code, "text": e.text or str(e)}
-            for n, e in earlier
-        ]
-    return trail
-
-
-def _shape(
-    up: Upstream, env: Envelope, data: bytes, bound: Any
-) -> tuple[str, bytes, dict[str, Any]]:
-    """Sender and message as this upstream gets them (from_policy), and what to record."""
-    if up.cfg.from_policy != "rewrite":
-        return env.mail_from, data, {}
-    account = config_mod.rewrite_address(up.cfg)
-    if rewrite.header_from(data).lower() == account.lower():
-        return env.mail_from, data, {}  # already the account: nothing to rewrite
-    if rewrite.signed(data) and not up.cfg.rewrite_signed:
-        bound.info(
-            "message.rewrite_skipped",
-            reason="DKIM-Signature present (rewrite_signed: true would break it)",
-        )
-        return env.mail_from, data, {}
-    data, original = rewrite.rewrite_from(data, account)
-    # A bounce keeps its empty reverse-path (RFC 5321 §4.5.5): replies to it must not loop.
-    sender = account if env.mail_from else ""
-    bound.info("message.from_rewritten", sent_as=account, original_from=original)
-    return sender, data, {"sent_as": account}
 
 
 async def _close(session: Deliverer | None) -> None:

@@ -26,7 +26,7 @@ __all__ = ["COMMANDS", "build_parser", "main", "sendmail_main"]
 COMMANDS = (
     ("serve", "relayd.cli.serve", "run the daemon in the foreground"),
     ("queue", "relayd.cli.queue", "inspect and steer the spool"),
-    ("check", "relayd.cli.check", "diagnose the upstream step by step"),
+    ("check", "relayd.cli.check", "diagnose each upstream step by step"),
     (
         "sendmail",
         "relayd.cli.sendmail",

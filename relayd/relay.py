@@ -22,6 +22,7 @@ from relayd import metrics, outcome
 from relayd.breaker import Breaker, UpstreamState
 from relayd.config import Config, UpstreamConfig
 from relayd.errors import SpoolError, UpstreamError
+from relayd.flights import Deliverer
 from relayd.ledger import Ledger
 from relayd.pool import Flight, Pool, Upstream
 from relayd.provider import Provider
@@ -29,7 +30,7 @@ from relayd.spool import Envelope, Spool
 from relayd.states import AttemptResult, OutcomeStatus, SpoolDir
 from relayd.upstream import Outcome
 from relayd.wire import DeliveryStatus
-from relayd.workers import Deliverer, Workers
+from relayd.workers import Workers
 
 __all__ = ["Deliverer", "Relay"]
 
@@ -72,6 +73,9 @@ class Relay(Workers):
         self._scanning: set[str] | None = None  # ids added while load() reads the spool
         self.rcpts: dict[str, int] = {}  # pending recipients, for quotas counted per recipient
         self.paced: set[str] = set()  # due messages told to wait, for the pacing-wait metric
+        # Held while due messages are admitted (rate, daily): by the scheduler, and by a worker
+        # filling its flight once its session is up (_take).
+        self.admitting = asyncio.Lock()
         # Bumped by retire_sessions(): a worker's session opened before the bump is closed
         # before its next message, so that message goes out under the reloaded upstream config.
         self.generation = 0
@@ -259,6 +263,10 @@ class Relay(Workers):
         """Hand due messages, in due order, to the first usable upstream of their route, as
         far as that upstream's pacing and free workers allow; returns seconds until the next
         may go (None: nothing due). An upstream that must wait holds back only its own mail."""
+        async with self.admitting:
+            return await self._dispatch_due(now)
+
+    async def _dispatch_due(self, now: float) -> float | None:
         held: list[tuple[float, str]] = []  # due, waiting for their upstream's slot
         waits: dict[str, float] = {}  # upstream -> seconds to its next slot (0.0: no worker)
         while self.heap and self.heap[0][0] <= now:
@@ -291,6 +299,63 @@ class Relay(Workers):
         if slots:
             return min(slots) if future is None else min(future, *slots)
         return future  # an upstream without a free worker wakes the scheduler when one is
+
+    async def _take(self, up: Upstream, room: int) -> list[Flight]:
+        """Up to room more flights for up's session, never waiting: first from its queue,
+        then, paced, due messages its limiter grants now; each loaded and still routed to up.
+        The rest stays queued in due order, no attempt counted."""
+        taken: list[Flight] = []
+        while len(taken) < room and not up.queue.empty():
+            flight = up.queue.get_nowait()
+            if flight is None:
+                up.queue.put_nowait(None)  # a worker's stop order: keep it for the worker
+                break
+            taken.append(flight)
+        if up.provider.paced and len(taken) < room and not self.stopping:
+            async with self.admitting:
+                taken += await self._admit_for(up, room - len(taken))
+        ready = []
+        for flight in taken:
+            if not await self._route(flight):
+                self._done(flight.msg_id)
+                continue
+            target = self.pool.pick(flight.via, flight.skip(), self.clock())
+            if target is up and (flight.slot == up.name or not up.provider.paced):
+                ready.append(flight)
+            elif target is up:
+                self._later(flight.msg_id, self.clock())  # its slot comes from the scheduler
+                self._done(flight.msg_id)
+            elif not await self._pass_on(flight, target):
+                self._done(flight.msg_id)
+        return ready
+
+    async def _admit_for(self, up: Upstream, room: int) -> list[Flight]:
+        """Due messages routed first to up, in due order, as far as its limiter grants now."""
+        now = self.clock()
+        out: list[Flight] = []
+        skipped: list[tuple[float, str]] = []
+        while len(out) < room and self.heap and self.heap[0][0] <= now:
+            when, msg_id = heapq.heappop(self.heap)
+            if self.due.get(msg_id) != when or msg_id in self.inflight:
+                continue
+            via = self.hints.get(msg_id) or tuple(self.pool.upstreams)
+            if self.pool.pick(via, set(), now) is not up:
+                skipped.append((when, msg_id))
+                continue
+            wait = await up.provider.admit(self.rcpts.get(msg_id, 1))
+            if self.due.get(msg_id) != when or msg_id in self.inflight:
+                continue
+            if wait:
+                self.paced.add(msg_id)
+                skipped.append((when, msg_id))
+                break
+            self.paced.discard(msg_id)
+            self.parked.discard(msg_id)
+            self.inflight.add(msg_id)
+            out.append(Flight(msg_id, via=via, slot=up.name))
+        for entry in skipped:
+            heapq.heappush(self.heap, entry)
+        return out
 
     async def _pace(self, up: Upstream, msg_id: str, waits: dict[str, float]) -> float | None:
         """None when msg_id may go to up now (its slot is taken), else seconds to wait."""

@@ -15,45 +15,27 @@ carries outcomes out and owns the due-time index and the pacing of dispatch).
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import os
-import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
 import structlog
 
-from relayd import metrics, outcome, presets, rewrite
+from relayd import outcome, presets, rewrite
 from relayd.config import Config, UpstreamConfig
 from relayd.envelope import Envelope
 from relayd.errors import SpoolError, UpstreamError
-from relayd.pool import Flight, Pool, Upstream, shape, trail
+from relayd.flights import HOLDER, Deliverer, Flights
+from relayd.pool import Flight, Pool, Upstream, trail
 from relayd.spool import Spool
-from relayd.states import OutcomeStatus
 from relayd.upstream import Outcome
-from relayd.verdicts import Verdicts
 
 log = structlog.get_logger()
 
 IDLE_CLOSE = 10.0  # seconds an idle upstream session is kept for the next message
-BUSY_RETRY = 1.0  # seconds before a message whose session found no free connection tries again
-# The worker a session belongs to: the holder of that session's connection lease.
-HOLDER: contextvars.ContextVar[str] = contextvars.ContextVar("holder", default="")
 
 
-class _NoConnection(Exception):
-    """Every connection the account allows is held (max_connections, fleet-wide)."""
-
-
-class Deliverer(Protocol):
-    sent: int
-
-    async def open(self) -> None: ...
-    async def send(self, mail_from: str, rcpt_to: list[str], data: bytes) -> list[Outcome]: ...
-    async def close(self) -> None: ...
-
-
-class Workers(Verdicts):
+class Workers(Flights):
     """The worker side of relay.Relay (a mixin: Relay sets these and implements the hooks)."""
 
     spool: Spool
@@ -83,6 +65,9 @@ class Workers(Verdicts):
         raise NotImplementedError
 
     def enqueue(self, env: Envelope) -> None:
+        raise NotImplementedError
+
+    async def _take(self, up: Upstream, room: int) -> list[Flight]:
         raise NotImplementedError
 
     async def _crashed(
@@ -222,43 +207,6 @@ class Workers(Verdicts):
             return session, await self._pass_on(flight, self._pick(flight))
         return await self._deliver(up, flight, session)
 
-    async def _deliver(
-        self, up: Upstream, flight: Flight, session: Deliverer | None
-    ) -> tuple[Deliverer | None, bool]:
-        """The flight's message through this upstream's session, and what its replies mean."""
-        env = flight.env
-        assert env is not None
-        bound = log.bind(msg_id=env.id, attempt=env.attempts + 1, upstream=up.name)
-        mail_from, data, note = shape(up, env, flight.data, bound)
-        extra = {**trail(flight, up.name), **note}
-        started = time.monotonic()
-        try:
-            session, outcomes = await self._send(up, mail_from, env, data, session)
-        except _NoConnection:
-            self._later(flight.msg_id, self.clock() + BUSY_RETRY)
-            return None, False
-        except UpstreamError as err:
-            await _close(session)
-            metrics.UPSTREAM_FAILURES.labels(step=err.step).inc()
-            return None, await self._failed(up, flight, err, bound, extra)
-        except Exception as exc:
-            await _close(session)
-            await self._crashed(env, exc, bound, extra)
-            return None, False
-        metrics.DELIVERY_SECONDS.observe(time.monotonic() - started)
-        outcomes = [outcome.clipped(o) for o in outcomes]
-        verdict = await self._judged(up, outcomes)
-        if verdict is not None:
-            await _close(session)
-            first = next(o for o in outcomes if o.status != OutcomeStatus.DELIVERED)
-            return None, await self._held(up, flight, verdict, first, bound)
-        await self._apply(env, outcomes, bound, extra=extra)
-        up.provider.settle(delivered=any(o.status == OutcomeStatus.DELIVERED for o in outcomes))
-        if session.sent < up.cfg.max_messages_per_session:
-            return session, False
-        await _close(session)
-        return None, False
-
     async def _route(self, flight: Flight) -> bool:
         """Load the flight and set its route's upstreams; False when it ended here."""
         if flight.env is None and not await self._load(flight):
@@ -336,36 +284,6 @@ class Workers(Verdicts):
             flight.failed.append((up.name, err))
             if not await self._pass_on(flight, self._pick(flight)):
                 self._done(flight.msg_id)
-
-    async def _send(
-        self,
-        up: Upstream,
-        mail_from: str,
-        env: Envelope,
-        data: bytes,
-        session: Deliverer | None,
-    ) -> tuple[Deliverer, list[Outcome]]:
-        rcpts = [r.address for r in env.pending]
-        if session is not None:
-            await up.provider.lease(HOLDER.get())  # renews a shared lease before it expires
-            try:
-                return session, await session.send(mail_from, rcpts, data)
-            except UpstreamError as err:
-                # A reused session the provider closed while idle fails at RSET or MAIL
-                # before anything of this message was accepted: reconnect once, no deferral.
-                if err.step not in ("rset", "mail") or err.code is not None:
-                    raise
-                await _close(session)
-        if not await up.provider.lease(HOLDER.get()):
-            raise _NoConnection
-        fresh = self.connect(up.cfg)
-        try:
-            await fresh.open()
-            up.breaker.record_success()
-            return fresh, await fresh.send(mail_from, rcpts, data)
-        except BaseException:
-            await _close(fresh)
-            raise
 
 
 async def _close(session: Deliverer | None) -> None:

@@ -67,7 +67,18 @@ LAYERS: dict[str, int] = {
         2,
     ),
     **dict.fromkeys(
-        ["outcome", "provider", "ledger", "pool", "verdicts", "workers", "relay", "outbox"], 3
+        [
+            "outcome",
+            "provider",
+            "ledger",
+            "pool",
+            "verdicts",
+            "flights",
+            "workers",
+            "relay",
+            "outbox",
+        ],
+        3,
     ),
     **dict.fromkeys(["supervisor", "worker"], 4),
     "app": 5,

@@ -274,7 +274,7 @@ async def test_a_quota_reply_in_a_flight_holds_only_its_message(tmp_path, pki, u
     cfg = await queued(tmp_path, upstream, pki, 3)
     before = {e.id: e.attempts for e in Spool(cfg.spool.path).scan(SpoolDir.QUEUE)}
     async with running(cfg) as d:
-        await eventually(lambda: d.relay.provider.gate.state == "paused", what="the pause")
+        await eventually(lambda: d.relay.snapshot().upstream["state"] == "paused", what="the pause")
         await eventually(lambda: d.relay.depth == 1, what="the two others delivered")
     assert len(upstream.messages) == 2 and upstream.commands.count("DATA") == 0
     (held,) = Spool(cfg.spool.path).scan(SpoolDir.QUEUE)

@@ -141,6 +141,8 @@ def cmd_list(args: argparse.Namespace) -> int:
     width = shutil.get_terminal_size((120, 24)).columns
     rows = [_row(e, now, waiting) for e in envs]
     head = ["ID", "STATE", "AGE", "TRIES", "NEXT", "SIZE", "VIA", "FROM", "TO", "LAST"]
+    if all(r[6] in ("-", "default") for r in rows):  # one upstream: VIA says nothing
+        head, rows = head[:6] + head[7:], [r[:6] + r[7:] for r in rows]
     queued = sum(e.state == SpoolDir.QUEUE for e in envs)
     say(*table(head, rows, width), f"{queued} queued, {len(envs) - queued} failed")
     return 0

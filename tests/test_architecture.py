@@ -46,7 +46,6 @@ LAYERS: dict[str, int] = {
             "oauth_store",
             "oauth",
             "fleet",
-            "gate",
             "link",
             "breaker",
             "routes",

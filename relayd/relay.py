@@ -18,19 +18,18 @@ from typing import Any
 
 import structlog
 
-from relayd import metrics, outcome
+from relayd import outcome
+from relayd.admission import Admission
 from relayd.breaker import Breaker, UpstreamState
 from relayd.config import Config, UpstreamConfig
-from relayd.errors import SpoolError, UpstreamError
+from relayd.errors import SpoolError
 from relayd.flights import Deliverer
 from relayd.ledger import Ledger
-from relayd.pool import Flight, Pool, Upstream
+from relayd.pool import Pool
 from relayd.provider import Provider
 from relayd.spool import Envelope, Spool
-from relayd.states import AttemptResult, OutcomeStatus, SpoolDir
-from relayd.upstream import Outcome
+from relayd.states import SpoolDir
 from relayd.wire import DeliveryStatus
-from relayd.workers import Workers
 
 __all__ = ["Deliverer", "Relay"]
 
@@ -39,8 +38,9 @@ log = structlog.get_logger()
 REFRESH = 2.0  # seconds between reads of the shared pacing state, for health and metrics
 
 
-class Relay(Workers):
-    """Owns the due-time index and the upstream workers."""
+class Relay(Admission):
+    """Owns the due-time index and the upstream workers (dispatch: admission.Admission;
+    outcomes carried out: decisions.Decisions)."""
 
     def __init__(
         self,
@@ -259,120 +259,6 @@ class Relay(Workers):
             except TimeoutError:
                 pass
 
-    async def _dispatch(self, now: float) -> float | None:
-        """Hand due messages, in due order, to the first usable upstream of their route, as
-        far as that upstream's pacing and free workers allow; returns seconds until the next
-        may go (None: nothing due). An upstream that must wait holds back only its own mail."""
-        async with self.admitting:
-            return await self._dispatch_due(now)
-
-    async def _dispatch_due(self, now: float) -> float | None:
-        held: list[tuple[float, str]] = []  # due, waiting for their upstream's slot
-        waits: dict[str, float] = {}  # upstream -> seconds to its next slot (0.0: no worker)
-        while self.heap and self.heap[0][0] <= now:
-            when, msg_id = heapq.heappop(self.heap)
-            if self.due.get(msg_id) != when or msg_id in self.inflight:
-                continue  # stale entry: rescheduled, delivered or already on its way
-            self.parked.discard(msg_id)
-            flight = Flight(msg_id, via=self.hints.get(msg_id) or tuple(self.pool.upstreams))
-            target = self.pool.pick(flight.via, set(), now)
-            if target is None:
-                self._park(msg_id, flight.via)  # no upstream of its route may be tried yet
-                continue
-            wait = await self._pace(target, msg_id, waits)
-            if self.due.get(msg_id) != when or msg_id in self.inflight:
-                continue  # changed during the limiter's await
-            if wait is not None:
-                target.probe_sent_until = 0.0  # not sent: whatever it was picked for waits
-                held.append((when, msg_id))
-                continue
-            if msg_id in self.paced:
-                self.paced.discard(msg_id)
-                metrics.PACING_WAIT.observe(max(0.0, now - when))
-            self.inflight.add(msg_id)
-            flight.slot = target.name if target.provider.paced else ""
-            target.queue.put_nowait(flight)
-        future = self.heap[0][0] - now if self.heap else None
-        for entry in held:
-            heapq.heappush(self.heap, entry)
-        slots = [w for w in waits.values() if w > 0]
-        if slots:
-            return min(slots) if future is None else min(future, *slots)
-        return future  # an upstream without a free worker wakes the scheduler when one is
-
-    async def _take(self, up: Upstream, room: int) -> list[Flight]:
-        """Up to room more flights for up's session, never waiting: first from its queue,
-        then, paced, due messages its limiter grants now; each loaded and still routed to up.
-        The rest stays queued in due order, no attempt counted."""
-        taken: list[Flight] = []
-        while len(taken) < room and not up.queue.empty():
-            flight = up.queue.get_nowait()
-            if flight is None:
-                up.queue.put_nowait(None)  # a worker's stop order: keep it for the worker
-                break
-            taken.append(flight)
-        if up.provider.paced and len(taken) < room and not self.stopping:
-            async with self.admitting:
-                taken += await self._admit_for(up, room - len(taken))
-        ready = []
-        for flight in taken:
-            if not await self._route(flight):
-                self._done(flight.msg_id)
-                continue
-            target = self.pool.pick(flight.via, flight.skip(), self.clock())
-            if target is up and (flight.slot == up.name or not up.provider.paced):
-                ready.append(flight)
-            elif target is up:
-                self._later(flight.msg_id, self.clock())  # its slot comes from the scheduler
-                self._done(flight.msg_id)
-            elif not await self._pass_on(flight, target):
-                self._done(flight.msg_id)
-        return ready
-
-    async def _admit_for(self, up: Upstream, room: int) -> list[Flight]:
-        """Due messages routed first to up, in due order, as far as its limiter grants now."""
-        now = self.clock()
-        out: list[Flight] = []
-        skipped: list[tuple[float, str]] = []
-        while len(out) < room and self.heap and self.heap[0][0] <= now:
-            when, msg_id = heapq.heappop(self.heap)
-            if self.due.get(msg_id) != when or msg_id in self.inflight:
-                continue
-            via = self.hints.get(msg_id) or tuple(self.pool.upstreams)
-            if self.pool.pick(via, set(), now) is not up:
-                skipped.append((when, msg_id))
-                continue
-            wait = await up.provider.admit(self.rcpts.get(msg_id, 1))
-            if self.due.get(msg_id) != when or msg_id in self.inflight:
-                continue
-            if wait:
-                self.paced.add(msg_id)
-                skipped.append((when, msg_id))
-                break
-            self.paced.discard(msg_id)
-            self.parked.discard(msg_id)
-            self.inflight.add(msg_id)
-            out.append(Flight(msg_id, via=via, slot=up.name))
-        for entry in skipped:
-            heapq.heappush(self.heap, entry)
-        return out
-
-    async def _pace(self, up: Upstream, msg_id: str, waits: dict[str, float]) -> float | None:
-        """None when msg_id may go to up now (its slot is taken), else seconds to wait."""
-        if up.name in waits:
-            return waits[up.name]  # one refusal per upstream and pass: in arrival order
-        if not up.provider.paced:
-            return None
-        if up.queue.qsize() >= up.idle:
-            waits[up.name] = 0.0  # a slot is taken only when a worker can use it
-            return 0.0
-        wait = await up.provider.admit(self.rcpts.get(msg_id, 1))
-        if not wait:
-            return None
-        self.paced.add(msg_id)
-        waits[up.name] = wait
-        return wait
-
     def _park(self, msg_id: str, via: tuple[str, ...]) -> None:
         """Wait, without an attempt, until an upstream of the route may be tried again."""
         if msg_id not in self.due or self.stopping:
@@ -433,107 +319,6 @@ class Relay(Workers):
             self.due[msg_id] = when
             heapq.heappush(self.heap, (when, msg_id))
             self.wake.set()
-
-    async def _crashed(
-        self, env: Envelope, exc: Exception, bound: Any, extra: dict[str, Any]
-    ) -> None:
-        """An exception that is not the upstream's answer (a bad address the client library
-        refuses, a bug): a deferred attempt like any other, with the exception as its reason.
-        """
-        text = outcome.clip(f"{type(exc).__name__}: {exc}")
-        bound.error("delivery.crashed", error=text, exc_info=exc)
-        outcomes = [
-            Outcome(r.address, OutcomeStatus.TEMPORARY, None, text, "internal") for r in env.pending
-        ]
-        await self._apply(env, outcomes, bound, extra=extra)
-
-    async def _defer(
-        self, env: Envelope, err: UpstreamError, bound: Any, extra: dict[str, Any]
-    ) -> None:
-        text = outcome.clip(err.text or str(err))
-        error = {"step": err.step, "code": err.code, "text": text}
-        outcomes = [
-            Outcome(r.address, OutcomeStatus.TEMPORARY, err.code, text, err.step, synthetic=True)
-            for r in env.pending
-        ]
-        self.consecutive_failures += 1
-        self.last_error = {**error, "at": self.clock(), **({"hint": err.hint} if err.hint else {})}
-        await self._apply(env, outcomes, bound, hint=err.hint, extra=extra)
-
-    async def _apply(
-        self,
-        env: Envelope,
-        outcomes: list[Outcome],
-        bound: Any,
-        hint: str = "",
-        extra: dict[str, Any] | None = None,
-    ) -> None:
-        decided: list[outcome.Decision] = []
-
-        async def write() -> None:  # run again by the ledger until it succeeds
-            if not decided:
-                now = self.clock()
-                decided.append(outcome.decide(env, outcomes, now, self.cfg.retry, trail=extra))
-                self._count(decided[0], now, bound)
-            await self._carry_out(decided[0], bound, hint)
-
-        await self.ledger.record(env.id, write, bound)
-
-    def _count(self, decision: outcome.Decision, now: float, bound: Any) -> None:
-        """The metrics, logs and failure run of an attempt's recipients."""
-        delivered = decision.delivered
-        if delivered:
-            if not decision.temporary:
-                self.consecutive_failures = 0
-            self.last_delivery_at = now
-            metrics.DELIVERED.inc(len(delivered))
-            bound.info("delivery.sent", code=delivered[0].code, recipients=len(delivered))
-        for o in decision.refused:
-            metrics.FAILED.labels(reply_class=outcome.reply_class(o.code)).inc()
-            bound.warning("delivery.refused", rcpt=o.address, code=o.code, text=o.text, step=o.step)
-
-    async def _record(self, decision: outcome.Decision, bound: Any) -> None:
-        async def write() -> None:
-            await self._carry_out(decision, bound, "")
-
-        await self.ledger.record(decision.env.id, write, bound)
-
-    async def _carry_out(self, decision: outcome.Decision, bound: Any, hint: str) -> None:
-        env = decision.env
-        if decision.kind == AttemptResult.SENT:
-            # Gone from the spool: no history entry to write (the common case, kept short).
-            await asyncio.to_thread(self.spool.remove, env.id, SpoolDir.QUEUE, False)
-            self.forget(env.id)
-        elif decision.kind == AttemptResult.DEFERRED:
-            await self._reschedule(decision, bound, hint)
-        else:
-            await self._finish(decision)
-
-    async def _reschedule(self, decision: outcome.Decision, bound: Any, hint: str) -> None:
-        env = decision.env
-        await asyncio.to_thread(self.spool.save, env)
-        metrics.DEFERRED.inc()
-        bound.info(
-            "delivery.deferred",
-            retry_in=round(decision.delay, 3),
-            **decision.error_fields,
-            **({"hint": hint} if hint else {}),
-        )
-        if not self.stopping:
-            self.enqueue(env)
-
-    async def _finish(self, decision: outcome.Decision) -> None:
-        env = decision.env
-        await asyncio.to_thread(self.spool.move, env, SpoolDir.FAILED)
-        self.forget(env.id)
-        if decision.kind == AttemptResult.EXPIRED:
-            metrics.FAILED.labels(reply_class="expired").inc()
-        log.warning(
-            f"delivery.{decision.kind}",
-            msg_id=env.id,
-            attempts=env.attempts,
-            reason=decision.reason,
-        )
 
 
 _background: set[asyncio.Task[Any]] = set()

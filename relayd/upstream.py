@@ -8,12 +8,8 @@ mail, rcpt, data). TLS is never opportunistic: ``implicit`` wraps the socket bef
 from __future__ import annotations
 
 import asyncio
-import functools
-import os
-import socket
 import ssl
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import aiosmtplib
@@ -23,6 +19,16 @@ from relayd import oauth, presets
 from relayd.aiosmtplib_fence import hand_over
 from relayd.config import UpstreamConfig
 from relayd.errors import UpstreamError
+from relayd.handshake import (
+    StepTiming,
+    auth_hint,
+    connect_tcp,
+    describe,
+    refused,
+    tls_context,
+    tls_details,
+    tls_hint,
+)
 from relayd.states import OutcomeStatus, SaslMechanism, TlsMode, UpstreamAuth
 from relayd.transaction import Channel, Outcome, Result, Submission, status
 
@@ -39,73 +45,6 @@ __all__ = [
 ]
 
 log = structlog.get_logger()
-
-
-@dataclass(slots=True)
-class StepTiming:
-    step: str
-    seconds: float
-    detail: dict[str, Any] = field(default_factory=dict)
-
-
-def tls_context(cfg: UpstreamConfig) -> ssl.SSLContext:
-    """System trust store plus ca_file; hostname checks on unless verify is false.
-
-    Built once per (ca_file and its mtime, verify) and shared by every session, because loading
-    the system store is costly (docs/benchmarks.md#upstream-sessions).
-    """
-    mtime = os.stat(cfg.ca_file).st_mtime_ns if cfg.ca_file else 0
-    return _tls_context(cfg.ca_file, mtime, cfg.verify)
-
-
-@functools.lru_cache(maxsize=4)
-def _tls_context(ca_file: str, mtime: int, verify: bool) -> ssl.SSLContext:
-    ctx = ssl.create_default_context()
-    if ca_file:
-        ctx.load_verify_locations(cafile=ca_file)
-    if not verify:
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-    return ctx
-
-
-def auth_hint(host: str, code: int | None, text: str) -> str:
-    lower = host.lower()
-    if "gmail" in lower or "google" in lower:
-        return "Gmail needs an app password (Google account > Security > App passwords)"
-    if "sendgrid" in lower:
-        return "SendGrid expects username 'apikey' and an API key as the password"
-    if "mailgun" in lower:
-        return "Mailgun expects the domain's SMTP credentials, not the account login"
-    if code == 534:
-        return "the provider wants a different login method (app password or OAuth)"
-    return "check upstream.username and the password (file); the provider refused them"
-
-
-def tls_hint(cfg: UpstreamConfig, exc: BaseException) -> str:
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        why = exc.verify_message or str(exc)
-        if "hostname" in why.lower() or "ip address mismatch" in why.lower():
-            return f"the certificate is not for {cfg.host}: check upstream.host"
-        return "certificate not trusted: add the issuing CA as upstream.ca_file"
-    if isinstance(exc, ConnectionResetError | ConnectionAbortedError | EOFError) or (
-        isinstance(exc, ssl.SSLError) and "WRONG_VERSION_NUMBER" in str(exc)
-    ):
-        if cfg.tls == TlsMode.IMPLICIT and cfg.port in (587, 25):
-            return f"port {cfg.port} speaks plain SMTP first: use port 465 or tls: starttls"
-        if cfg.tls == TlsMode.IMPLICIT:
-            return "reset during the TLS handshake: is this port really implicit TLS (465)?"
-        if cfg.tls == TlsMode.STARTTLS:
-            return (
-                "reset during the STARTTLS handshake (often a firewall or middlebox on "
-                f"port {cfg.port}): try tls: implicit on port 465"
-            )
-    if isinstance(exc, TimeoutError):
-        return (
-            "no TLS answer in time: a firewall or middlebox, or a port that speaks plain SMTP "
-            "first (587/25 want tls: starttls)"
-        )
-    return "TLS handshake failed: check upstream.port and upstream.tls"
 
 
 class Session:
@@ -133,7 +72,7 @@ class Session:
     async def open(self) -> None:
         """Connect, handshake, EHLO and AUTH; raise UpstreamError naming the failed step."""
         cfg = self.cfg
-        sock = await self._connect_tcp()
+        sock = await connect_tcp(cfg, self.timings)
         ctx = tls_context(cfg) if cfg.tls != TlsMode.NONE else None
         smtp = aiosmtplib.SMTP(
             hostname=cfg.host,  # with sock=, only used for SNI and certificate checks
@@ -154,66 +93,29 @@ class Session:
             await self._ehlo(smtp)
             if cfg.tls == TlsMode.STARTTLS:
                 await self._starttls(smtp, ctx)
-            if cfg.auth == UpstreamAuth.OAUTH2:
-                reply = await self._step("auth", self._oauth_login(smtp))
-                self.timings[-1].detail.update(
-                    mechanism=self.mechanism.upper(),
-                    offered=" ".join(smtp.server_auth_methods).upper(),
-                    reply=f"{reply.code} {reply.message}",
-                )
-            elif cfg.username:
-                reply = await self._step("auth", self._login(smtp))
-                self.timings[-1].detail.update(
-                    mechanism=(smtp.supported_auth_methods or ["?"])[0].upper(),
-                    offered=" ".join(smtp.server_auth_methods).upper(),
-                    reply=f"{reply.code} {reply.message}",
-                )
+            await self._authenticate(smtp)
             self.channel = Channel(hand_over(smtp, cfg.timeout), self.extensions)
         except BaseException:
             smtp.close()
             self.smtp = None
             raise
 
-    async def _connect_tcp(self) -> socket.socket:
+    async def _authenticate(self, smtp: aiosmtplib.SMTP) -> None:
+        """AUTH as configured (OAuth bearer or password; none without a username)."""
         cfg = self.cfg
-        loop = asyncio.get_running_loop()
-        start = time.monotonic()
-        try:
-            async with asyncio.timeout(cfg.timeout):
-                infos = await loop.getaddrinfo(cfg.host, cfg.port, type=socket.SOCK_STREAM)
-        except (OSError, TimeoutError) as exc:
-            raise UpstreamError(
-                f"cannot resolve {cfg.host}: {exc}",
-                step="dns",
-                temporary=True,
-                hint="check upstream.host and DNS",
-            ) from exc
-        addrs = [str(info[4][0]) for info in infos]
-        self.timings.append(StepTiming("dns", time.monotonic() - start, {"addresses": addrs}))
-        start = time.monotonic()
-        last: BaseException | None = None
-        for family, type_, proto, _, addr in infos:
-            sock = socket.socket(family, type_, proto)
-            sock.setblocking(False)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            try:
-                async with asyncio.timeout(cfg.timeout):
-                    await loop.sock_connect(sock, addr)
-                detail = {"address": f"{addr[0]!s}:{addr[1]!s}"}
-                self.timings.append(StepTiming("connect", time.monotonic() - start, detail))
-                return sock
-            except (OSError, TimeoutError) as exc:
-                sock.close()
-                last = exc
-        what = "timed out" if isinstance(last, TimeoutError) else str(last)
-        raise UpstreamError(
-            f"cannot connect to {cfg.host}:{cfg.port}: {what}",
-            step="connect",
-            temporary=True,
-            hint="a firewall drops the port, or the port is wrong"
-            if isinstance(last, TimeoutError)
-            else "nothing listens there: check upstream.host and upstream.port",
-        ) from last
+        if cfg.auth == UpstreamAuth.OAUTH2:
+            reply = await self._step("auth", self._oauth_login(smtp))
+            mechanism = self.mechanism.upper()
+        elif cfg.username:
+            reply = await self._step("auth", self._login(smtp))
+            mechanism = (smtp.supported_auth_methods or ["?"])[0].upper()
+        else:
+            return
+        self.timings[-1].detail.update(
+            mechanism=mechanism,
+            offered=" ".join(smtp.server_auth_methods).upper(),
+            reply=f"{reply.code} {reply.message}",
+        )
 
     async def _handshake(self, smtp: aiosmtplib.SMTP) -> None:
         cfg = self.cfg
@@ -221,7 +123,7 @@ class Session:
             await smtp.connect()
         except aiosmtplib.SMTPConnectResponseError as exc:
             temporary = status(exc.code) == OutcomeStatus.TEMPORARY or exc.code == 554
-            raise _refused("greeting refused", "connect", exc, temporary=temporary) from exc
+            raise refused("greeting refused", "connect", exc, temporary=temporary) from exc
         except (aiosmtplib.SMTPException, OSError) as exc:
             cause = exc.__cause__ if exc.__cause__ is not None else exc
             banner = "server ready" in str(exc) or isinstance(cause, aiosmtplib.SMTPException)
@@ -233,7 +135,7 @@ class Session:
                     hint="the server accepted TCP but never greeted",
                 ) from exc
             raise UpstreamError(
-                f"TLS with {cfg.host}:{cfg.port} failed: {_describe(cause)}",
+                f"TLS with {cfg.host}:{cfg.port} failed: {describe(cause)}",
                 step="tls",
                 temporary=True,
                 hint=tls_hint(cfg, cause),
@@ -243,7 +145,7 @@ class Session:
         try:
             await self._step("ehlo", smtp.ehlo())
         except aiosmtplib.SMTPResponseException as exc:
-            raise _refused("EHLO refused", "ehlo", exc) from exc
+            raise refused("EHLO refused", "ehlo", exc) from exc
         except aiosmtplib.SMTPException as exc:
             raise UpstreamError(f"EHLO failed: {exc}", step="ehlo", temporary=True) from exc
         self.extensions = dict(smtp.esmtp_extensions)
@@ -260,11 +162,11 @@ class Session:
             await self._step("tls", smtp.starttls(tls_context=ctx, server_hostname=self.cfg.host))
             self.timings[-1].detail.update(tls_details(smtp))
         except aiosmtplib.SMTPResponseException as exc:
-            raise _refused("STARTTLS refused", "tls", exc) from exc
+            raise refused("STARTTLS refused", "tls", exc) from exc
         except (aiosmtplib.SMTPException, OSError) as exc:
             cause = exc.__cause__ if exc.__cause__ is not None else exc
             raise UpstreamError(
-                f"STARTTLS handshake failed: {_describe(cause)}",
+                f"STARTTLS handshake failed: {describe(cause)}",
                 step="tls",
                 temporary=True,
                 hint=tls_hint(self.cfg, cause),
@@ -278,7 +180,7 @@ class Session:
         except aiosmtplib.SMTPAuthenticationError as exc:
             # Postfix soft-bounces SASL failures: the mail waits, an operator fixes the login.
             hint = presets.auth_hint(cfg.preset) or auth_hint(cfg.host, exc.code, exc.message)
-            raise _refused("AUTH refused", "auth", exc, hint=hint) from exc
+            raise refused("AUTH refused", "auth", exc, hint=hint) from exc
         except aiosmtplib.SMTPException as exc:
             raise UpstreamError(
                 f"AUTH failed: {exc}",
@@ -379,27 +281,6 @@ class Session:
             smtp.close()
 
 
-def tls_details(smtp: aiosmtplib.SMTP) -> dict[str, Any]:
-    """Protocol, cipher and the peer certificate's subject and expiry, for `relayd check`."""
-    obj = smtp.get_transport_info("ssl_object")
-    if not isinstance(obj, ssl.SSLObject | ssl.SSLSocket):
-        return {}
-    cert: dict[str, Any] = dict(obj.getpeercert() or {})
-    subject = ", ".join(
-        f"{k}={v}" for rdn in cert.get("subject", ()) for k, v in rdn if k == "commonName"
-    )
-    names = [v for kind, v in cert.get("subjectAltName", ()) if kind in ("DNS", "IP Address")]
-    expires = cert.get("notAfter")
-    return {
-        "protocol": obj.version(),
-        "cipher": (obj.cipher() or ("?",))[0],
-        "subject": subject or ", ".join(names),
-        "names": names,
-        "expires_at": ssl.cert_time_to_seconds(str(expires)) if expires else None,
-        "verified": obj.context.verify_mode == ssl.CERT_REQUIRED,
-    }
-
-
 def _bearer_mechanism(configured: SaslMechanism, offered: list[str]) -> SaslMechanism:
     """The configured mechanism, or the other bearer one when only it is offered."""
     names = {m.lower() for m in offered}
@@ -433,30 +314,3 @@ async def _token(pending: Any, name: str) -> str:
             hint = "check upstream.oauth2 (scope, endpoints) against the provider's app settings"
         raise UpstreamError(f"OAuth: {exc}", step="token", temporary=True, hint=hint) from None
     return token
-
-
-def _refused(
-    what: str,
-    step: str,
-    exc: aiosmtplib.SMTPResponseException,
-    temporary: bool = True,
-    hint: str = "",
-) -> UpstreamError:
-    """The server answered with an error reply at a step: carry its code and words."""
-    return UpstreamError(
-        f"{what}: {exc.code} {exc.message}",
-        step=step,
-        temporary=temporary,
-        code=exc.code,
-        text=exc.message,
-        hint=hint,
-    )
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        return f"certificate verify failed: {exc.verify_message}"
-    if isinstance(exc, TimeoutError):
-        return "timed out"
-    text = str(exc) or type(exc).__name__
-    return f"{type(exc).__name__}: {text}" if isinstance(exc, OSError) else text

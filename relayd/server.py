@@ -18,9 +18,10 @@ from collections.abc import Callable
 from typing import Any, cast
 
 import structlog
-from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from relayd import auth, metrics, rewrite, routes
+from relayd import auth, metrics, routes
+from relayd.access import Access, peer_address
 from relayd.aiosmtpd_fence import HookDir, Protocol
 from relayd.config import ListenConfig
 from relayd.errors import SpoolError
@@ -35,11 +36,7 @@ R_OK = "250 2.0.0 Ok: queued as {id}"
 R_SPOOL_FAILED = "451 4.3.0 Requested action aborted: local error in processing"
 R_DISK_FULL = "452 4.3.1 Insufficient system storage"
 R_TOO_MANY_RCPTS = "452 4.5.3 Too many recipients"
-R_RELAY_DENIED = "550 5.7.1 Relaying denied: {ip} may not submit here"
-R_AUTH_REQUIRED = "530 5.7.0 Authentication required"
 R_TOO_BIG = "552 5.3.4 Message size exceeds fixed maximum message size"
-HEADER_SCAN = 256 * 1024  # bytes of a message searched for its From (routes on header From)
-R_NO_ROUTE = "550 5.7.1 Sender not accepted here: {reason}"
 R_SHUTTING_DOWN = "421 4.3.2 Service shutting down, try again later"
 R_TOO_MANY_SESSIONS = "421 4.7.0 Too many connections, try again later"
 # RFC 3463: X.1.7 bad sender's and X.1.3 bad destination mailbox address syntax. A control
@@ -63,7 +60,7 @@ def command_limits(max_recipients: int) -> dict[str, int]:
     }
 
 
-class Handler(HookDir):
+class Handler(Access, HookDir):
     """aiosmtpd hooks: who may submit, how many recipients, and the spool write."""
 
     def __init__(
@@ -83,24 +80,6 @@ class Handler(HookDir):
         self.networks = [ipaddress.ip_network(n, strict=False) for n in cfg.allowed_networks]
         self.inflight: set[asyncio.Future[str]] = set()
         self.users = auth.load_users(cfg.users_file) if cfg.users_file else None
-
-    def allowed(self, peer: Any) -> bool:
-        """Whether peer may submit without AUTH: loopback, or inside allowed_networks.
-
-        On a dual-stack listener an IPv4 client is ::ffff:a.b.c.d and is matched as IPv4 too.
-        Fails closed: a peer that is not an (address, port, ...) tuple is refused.
-        """
-        if not isinstance(peer, tuple) or not peer or not isinstance(peer[0], str):
-            return False
-        try:
-            ip = ipaddress.ip_address(peer[0].partition("%")[0])  # no IPv6 scope id
-        except ValueError:
-            return False
-        mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
-        return any(
-            address.is_loopback or any(address in net for net in self.networks)
-            for address in ([ip, mapped] if mapped else [ip])
-        )
 
     async def handle_EHLO(
         self,
@@ -128,10 +107,7 @@ class Handler(HookDir):
         mail_options: list[str],
     ) -> str:
         if not self.allowed(session.peer) and not session.authenticated:
-            ip = _peer(session).rsplit(":", 1)[0]
-            log.warning("client.refused", peer=ip, command="MAIL", auth_offered=bool(self.users))
-            metrics.REJECTED.labels(reason="access").inc()
-            return R_AUTH_REQUIRED if self.users else R_RELAY_DENIED.format(ip=ip)
+            return self._refused_access(session)
         if unsendable(address):
             metrics.REJECTED.labels(reason="address").inc()
             return R_BAD_SENDER
@@ -141,37 +117,6 @@ class Handler(HookDir):
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 2.1.0 Ok"
-
-    async def _header_route_refusal(self, sender: str, data: bytes | bytearray) -> str:
-        """Why no route takes this message, for routes that match on the header From."""
-        router = self.router
-        if router is None or not router.uses_header_from:
-            return ""
-        # A header scan, like missing_headers in _put: off the loop, bounded in bytes.
-        header_from = await asyncio.to_thread(rewrite.header_from, bytes(data[:HEADER_SCAN]))
-        return router.decide(sender, header_from).refusal
-
-    def _unroutable(self, session: Session, command: str, refusal: str) -> str:
-        # Refused now, while the client can still tell its user: never a bounce later.
-        ip = _peer(session).rsplit(":", 1)[0]
-        log.warning("client.refused", peer=ip, command=command, reason=f"route: {refusal}")
-        metrics.REJECTED.labels(reason="route").inc()
-        return R_NO_ROUTE.format(reason=refusal)
-
-    def authenticate(
-        self, server: SMTP, session: Session, envelope: Envelope, mechanism: str, data: Any
-    ) -> AuthResult:
-        """aiosmtpd's authenticator: PLAIN/LOGIN against the users file; never logs secrets."""
-        if self.users is None or not isinstance(data, LoginPassword):
-            return AuthResult(success=False, handled=False)
-        name = data.login.decode("utf-8", "replace")
-        ip = _peer(session).rsplit(":", 1)[0]
-        if self.users.verify(name, data.password.decode("utf-8", "surrogateescape")):
-            log.info("client.authenticated", peer=ip, user=name, mechanism=mechanism)
-            return AuthResult(success=True, auth_data=name)
-        log.warning("client.auth_failed", peer=ip, user=name, mechanism=mechanism)
-        metrics.REJECTED.labels(reason="auth").inc()
-        return AuthResult(success=False, handled=False)
 
     async def handle_RCPT(
         self,
@@ -222,7 +167,7 @@ class Handler(HookDir):
                 msg_id,
             )
         except (SpoolError, OSError) as exc:
-            log.error("message.spool_failed", error=str(exc), peer=_peer(session))
+            log.error("message.spool_failed", error=str(exc), peer=peer_address(session))
             metrics.REJECTED.labels(reason="spool").inc()
             return R_DISK_FULL if is_enospc(exc) else R_SPOOL_FAILED
         metrics.ACCEPTED.inc()
@@ -232,7 +177,7 @@ class Handler(HookDir):
             mail_from=env.mail_from,
             recipients=len(env.rcpt_to),
             size=env.size,
-            peer=_peer(session),
+            peer=peer_address(session),
         )
         self.on_accepted(env)
         return R_OK.format(id=env.id)
@@ -247,11 +192,6 @@ class Handler(HookDir):
     async def handle_exception(self, error: Exception) -> str:
         log.error("session.error", error=type(error).__name__)
         return "421 4.3.0 Local error, closing connection"
-
-
-def _peer(session: Session) -> str:
-    peer = session.peer
-    return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else str(peer)
 
 
 class Listener:

@@ -89,7 +89,7 @@ LAYERS: dict[str, int] = {
         3,
     ),
     **dict.fromkeys(["supervisor", "worker"], 4),
-    "app": 5,
+    **dict.fromkeys(["signals", "housekeeping", "app"], 5),
     "cli": 6,  # relayd.cli and every relayd.cli.<module>
     "__main__": 7,  # `python -m relayd`: the command line's entry point
 }
@@ -262,10 +262,7 @@ def test_commands_import_only_the_shared_cli_module():
 MODULE_LINES = 400
 FUNCTION_LINES = 40
 # Over the limits with a stated reason: module or "module:function" -> why.
-OVERSIZE = {
-    "relayd/app.py": "several upstreams added per-upstream gauges and route readiness; "
-    "they move out with the pipeline's worker change",
-}
+OVERSIZE: dict[str, str] = {}
 
 
 def test_modules_and_functions_stay_small():

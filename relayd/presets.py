@@ -2,8 +2,10 @@
 
 One row per provider; docs/providers.md shows the same table with the source of every value.
 TLS is implicit (port 465) where the provider offers it, else STARTTLS on 587, which relayd
-never lets fall back to plaintext. Any key of an `upstreams:` entry overrides its preset.
-The published limits are data for pacing and reply rules; nothing here enforces them.
+never lets fall back to plaintext. A preset also fills the provider's published pacing limits
+(rate, daily quota, what it counts and over which day), which relayd.pacing enforces. Any key
+of an `upstreams:` entry overrides its preset; `none` (or null, "") says "no limit" for rate
+and daily.
 """
 
 from __future__ import annotations
@@ -19,11 +21,17 @@ _REGION = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d$")
 
 @dataclass(frozen=True, slots=True)
 class Limits:
-    """What the provider publishes; 0 or "" where it does not (or where it depends on a plan)."""
+    """What the provider publishes; 0 or "" where it does not (or where it depends on a plan).
+
+    rate, daily, daily_counts and daily_window fill the upstream's rate, daily, daily_unit and
+    daily_window; recipients_per_message and connections are shown in docs/providers.md
+    (max_connections is the preset's own field).
+    """
 
     rate: str = ""  # "30/minute"
     daily: int = 0
     daily_counts: str = "messages"  # messages | recipients: what the provider counts
+    daily_window: str = "rolling"  # rolling (24 h) | calendar (the UTC day)
     recipients_per_message: int = 0
     connections: int = 0
 
@@ -130,7 +138,8 @@ PRESETS: dict[str, Preset] = {
             username_hint="the SES SMTP user name (not an IAM access key id)",
             auth_hint="SES wants SMTP credentials created for the region of the endpoint "
             "(SES console > SMTP settings); IAM access keys do not work as they are",
-            limits=Limits(rate="1/second", daily=200),  # the sandbox; production is per account
+            # The sandbox, which SES counts in recipients; production is per account.
+            limits=Limits(rate="1/second", daily=200, daily_counts="recipients"),
         ),
         Preset(
             "postmark",
@@ -209,7 +218,12 @@ def host(preset: Preset, region: str, key: str = "region") -> str:
 
 
 def apply(key: str, entry: dict[str, Any]) -> dict[str, Any]:
-    """A config entry (raw mapping) with its preset's values under it; the entry's keys win."""
+    """A config entry (raw mapping) with its preset's values under it; the entry's keys win.
+
+    Also where `rate: none` and `daily: none` (the explicit "no limit" that overrides a
+    preset's) become the "" and 0 the config records hold, with or without a preset.
+    """
+    entry = _no_limits(entry)
     name = entry.get("preset")
     if not name:
         return entry
@@ -218,12 +232,37 @@ def apply(key: str, entry: dict[str, Any]) -> dict[str, Any]:
         "port": preset.port,
         "tls": preset.tls,
         "max_connections": preset.max_connections,
+        **_pacing(preset.limits),
     }
     if "host" not in entry:
         base["host"] = host(preset, str(entry.get("region") or ""), f"{key}.region")
     if preset.username:
         base["username"] = preset.username
     return {**base, **entry}
+
+
+def _pacing(limits: Limits) -> dict[str, Any]:
+    """The upstream keys a preset's published limits fill (none where it publishes none)."""
+    keys: dict[str, Any] = {}
+    if limits.rate:
+        keys["rate"] = limits.rate
+    if limits.daily:
+        keys |= {
+            "daily": limits.daily,
+            "daily_unit": limits.daily_counts,
+            "daily_window": limits.daily_window,
+        }
+    return keys
+
+
+def _no_limits(entry: dict[str, Any]) -> dict[str, Any]:
+    none = {"rate": "", "daily": 0}
+    said = {k: v for k, v in none.items() if k in entry and _is_none(entry[k])}
+    return {**entry, **said} if said else entry
+
+
+def _is_none(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and value.strip().lower() in ("", "none"))
 
 
 def auth_hint(preset_name: str) -> str:

@@ -76,6 +76,50 @@ def test_ses_needs_a_region_and_builds_its_host_from_it(tmp_path):
     assert up.host == "email-smtp.eu-west-1.amazonaws.com"
 
 
+def test_a_preset_fills_its_published_limits(tmp_path):
+    """m365 without pacing keys: 30/minute, 10,000 recipients over a rolling 24 h."""
+    cfg = load(tmp_path, {"upstreams": [{"name": "o", "preset": "m365", "username": "a@b.c"}]})
+    up = cfg.upstreams[0]
+    assert (up.rate, up.daily, up.daily_unit, up.daily_window) == (
+        "30/minute",
+        10000,
+        "recipients",
+        "rolling",
+    )
+
+
+def test_each_pacing_key_of_an_entry_overrides_its_preset(tmp_path):
+    """rate: none and daily: none mean no limit; a set key wins; unset keys keep the preset's."""
+    entries = [
+        {"name": "a", "preset": "m365", "rate": "none", "daily": "none"},
+        {"name": "b", "preset": "m365", "rate": "", "daily": 0},
+        {"name": "c", "preset": "m365", "rate": None, "daily": None},
+        {"name": "d", "preset": "ses", "region": "eu-west-1", "rate": "5/second"},
+        {"name": "e", "preset": "gmail", "daily": 100, "daily_window": "calendar"},
+    ]
+    ups = {u.name: u for u in load(tmp_path, {"upstreams": entries}).upstreams}
+    for name in "abc":
+        assert (ups[name].rate, ups[name].daily) == ("", 0), name
+    assert (ups["d"].rate, ups["d"].daily, ups["d"].daily_unit) == ("5/second", 200, "recipients")
+    assert (ups["e"].rate, ups["e"].daily, ups["e"].daily_window) == ("", 100, "calendar")
+
+
+def test_no_limit_from_the_environment_overrides_a_preset():
+    """RELAYD_UPSTREAM_RATE=none with RELAYD_UPSTREAM_PRESET=m365: no rate, the daily stays."""
+    env = {"RELAYD_UPSTREAM_PRESET": "m365", "RELAYD_UPSTREAM_RATE": "none"}
+    up = config_mod.load(None, env).upstream
+    assert (up.rate, up.daily) == ("", 10000)
+
+
+def test_every_preset_limit_is_a_valid_pacing_setting(tmp_path):
+    """Each preset's published limits load as an upstream's pacing keys (rate parses)."""
+    for name in presets.PRESETS:
+        entry = {"name": "p", "preset": name, "region": "us-east-1", "username": "u@x.test"}
+        up = load(tmp_path, {"upstreams": [entry]}).upstreams[0]
+        assert up.rate == presets.PRESETS[name].limits.rate, name
+        assert up.daily == presets.PRESETS[name].limits.daily, name
+
+
 def test_every_preset_resolves_and_starttls_ones_are_never_on_465():
     """The table is consistent: each preset builds, implicit only on 465, STARTTLS on 587."""
     for name, preset in presets.PRESETS.items():

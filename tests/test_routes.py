@@ -191,11 +191,14 @@ async def test_m365_preset_uses_starttls_and_at_most_three_sessions(tmp_path, pk
                 "ca_file": str(pki.ca_file),
                 "username": USER,
                 "password": PASSWORD,
+                # The preset's 30/minute would make 30 messages take a minute; this test is
+                # about TLS and sessions, so it says "no rate" (the daily quota stays).
+                "rate": "none",
             }
         ],
     )
     up = cfg.upstreams[0]
-    assert (up.tls, up.max_connections) == ("starttls", 3)
+    assert (up.tls, up.max_connections, up.rate) == ("starttls", 3, "")
     try:
         async with running(cfg) as d:
             sends = [

@@ -326,3 +326,35 @@ async def test_refused_then_untrusted_then_535_each_fail_over_and_the_third_open
     finally:
         assert await proc.stop() == 0
         await first.stop()
+
+
+def upstreams_by_name(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {u["name"]: u for u in (doc.get("status") or {}).get("upstreams", [])}
+
+
+async def _both_listed(tmp_path: Path) -> dict[str, dict[str, Any]] | None:
+    ups = upstreams_by_name(await health_json(tmp_path))
+    return ups if {"office", "quiet"} <= set(ups) else None
+
+
+async def test_a_presets_limits_are_in_force_and_an_explicit_key_overrides_them(
+    tmp_path, pki, second
+):
+    """`relayd health --json` shows m365's published 30/minute and 10,000 recipients a day for
+    an upstream with only the preset; `rate: none` on another m365 upstream has no rate."""
+    path = write_config(
+        tmp_path,
+        [
+            upstream("office", second.port, pki, preset="m365", tls="implicit"),
+            upstream("quiet", second.port, pki, preset="m365", tls="implicit", rate="none"),
+        ],
+    )
+    proc = await serve(tmp_path, path)
+    try:
+        ups = await eventually(lambda: _both_listed(tmp_path), what="both upstreams in health")
+    finally:
+        assert await proc.stop() == 0
+    office, quiet = ups["office"], ups["quiet"]
+    assert office["rate"] == "30/minute, 10000 recipients/day" and office["daily"] == 10000
+    assert office["rate_per_second"] == pytest.approx(0.5)
+    assert quiet["rate"] == "no rate, 10000 recipients/day" and quiet["rate_per_second"] is None

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import free_port
-from proc import serve_env
+from proc import run_cli, serve_env
 
 from relayd import aiosmtplib_fence, fences
 
@@ -53,22 +52,6 @@ cls.__setattr__ = __setattr__
 """
 
 
-async def relayd(env: dict[str, str], *args: str) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "relayd",
-        *args,
-        env={**os.environ, **env},
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 30)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
-
-
 def without(tmp_path: Path, owner: str, name: str) -> dict[str, str]:
     """Environment for a relayd process whose library lacks owner.name."""
     site = tmp_path / "site"
@@ -98,7 +81,7 @@ async def test_serve_refuses_to_start_without_a_fenced_member(tmp_path, pki, own
     """A listed member without a fallback missing: `relayd serve` exits 78 with one line
     naming it, before it listens or touches the spool, and no traceback."""
     env = serve_env(tmp_path / "spool", free_port(), pki.ca_file) | without(tmp_path, owner, name)
-    code, _, err = await relayd(env, "serve")
+    code, _, err = await run_cli(env, "serve")
     assert code == 78, err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and name in lines[0] and "Traceback" not in err, err
@@ -109,7 +92,7 @@ async def test_check_refuses_to_run_without_a_fenced_member(tmp_path, pki):
     """`relayd check` makes the same check: exit 78, one line."""
     owner, name = NEEDED[0].values
     env = serve_env(tmp_path / "spool", free_port(), pki.ca_file)
-    code, out, err = await relayd(env | without(tmp_path, owner, name), "check")
+    code, out, err = await run_cli(env | without(tmp_path, owner, name), "check")
     assert code == 78, out + err
     assert len(err.strip().splitlines()) == 1 and name in err, out + err
 

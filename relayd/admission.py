@@ -83,7 +83,7 @@ class Admission(Decisions):
             async with self.admitting:
                 taken += await self._admit_for(up, room - len(taken))
         ready = []
-        for flight in taken:
+        for flight in await self._preload(taken):
             if not await self._route(flight):
                 self._done(flight.msg_id)
                 continue

@@ -226,12 +226,35 @@ class Workers(Flights):
         return False
 
     async def _load(self, flight: Flight) -> bool:
-        try:
-            # One trip to a thread for envelope and body: each trip costs the loop a wake-up.
-            env, flight.data = await asyncio.to_thread(self.spool.load_message, flight.msg_id)
-        except SpoolError:
-            self.forget(flight.msg_id)  # deleted (relayd queue delete) or moved meanwhile
+        # One trip to a thread for envelope and body: each trip costs the loop a wake-up.
+        return await self._loaded(flight, (await asyncio.to_thread(self._read, [flight]))[0])
+
+    async def _preload(self, flights: list[Flight]) -> list[Flight]:
+        """Load a flight's extra messages in one thread trip; those that ended here are done."""
+        todo = [f for f in flights if f.env is None]
+        got = dict(zip(map(id, todo), await asyncio.to_thread(self._read, todo), strict=True))
+        kept = []
+        for f in flights:
+            if id(f) not in got or await self._loaded(f, got[id(f)]):
+                kept.append(f)
+            else:
+                self._done(f.msg_id)
+        return kept
+
+    def _read(self, flights: list[Flight]) -> list[tuple[Envelope, bytes] | None]:
+        out: list[tuple[Envelope, bytes] | None] = []
+        for f in flights:
+            try:
+                out.append(self.spool.load_message(f.msg_id))
+            except SpoolError:
+                out.append(None)  # deleted (relayd queue delete) or moved meanwhile
+        return out
+
+    async def _loaded(self, flight: Flight, got: tuple[Envelope, bytes] | None) -> bool:
+        if got is None:
+            self.forget(flight.msg_id)
             return False
+        env, flight.data = got
         expired = outcome.expiry(env, self.clock(), self.cfg.retry)
         if expired is not None:
             await self._record(expired, log.bind(msg_id=env.id, attempt=env.attempts + 1))
